@@ -1,0 +1,5 @@
+import sys
+
+from nextclaude.cli import main
+
+sys.exit(main())

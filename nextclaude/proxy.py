@@ -1,0 +1,597 @@
+"""
+The reverse proxy: a Twisted web resource that relays every request to the
+upstream on the account the router picks, streaming the response back chunk
+by chunk with backpressure.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import re
+from ipaddress import ip_address
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from nextclaude import events
+from nextclaude.config import Config
+from nextclaude.events import EventHub
+from nextclaude.pool import Account
+from nextclaude.quota import QuotaReport, parse_rate_limit_headers
+from nextclaude.router import RouteContext, Router
+from nextclaude.upstream import UpstreamService
+from nextclaude.usage import StreamParser, Usage, usage_from_json_body
+
+STATUS_PATH = b"/nextclaude/status"
+
+# RFC 9110 hop-by-hop headers, plus what the proxy itself must own: the
+# length and encoding of the body it re-frames, and the Host of the upstream.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+    }
+)
+# The local user's credentials: never sent on, whatever the account.
+_CLIENT_CREDENTIALS = frozenset({b"x-api-key", b"authorization", b"x-nextclaude-key"})
+# treq negotiates gzip itself and decodes it, so the client's wish is moot.
+_REQUEST_ONLY = frozenset({b"accept-encoding"})
+_RESPONSE_DROP = _HOP_BY_HOP | {b"content-encoding"}
+
+OAUTH_BETA = b"oauth-2025-04-20"
+
+# Claude Code puts "model" first in its bodies; looking only at the head
+# keeps the hot path cheap on 1 MB bodies.
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_MODEL_SCAN_BYTES = 4096
+
+# Non-streaming bodies larger than this are relayed but not parsed for usage.
+_JSON_USAGE_LIMIT = 8 * 1024 * 1024
+
+
+def error_body(kind: str, message: str) -> bytes:
+    """
+    An error in the Anthropic API's shape, so clients show it properly.
+    """
+    return json.dumps(
+        {"type": "error", "error": {"type": kind, "message": message}}
+    ).encode("utf-8")
+
+
+def respond_error(request: Request, code: int, kind: str, message: str) -> bytes:
+    request.setResponseCode(code)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    return error_body(kind, message)
+
+
+def _raw_413(version: bytes, limit: int) -> bytes:
+    body = error_body(
+        "request_too_large",
+        f"Request body is larger than the proxy's limit of {limit} bytes (proxy.maxBodyBytes).",
+    )
+    head = (
+        b"%s 413 Request Entity Too Large\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (version, len(body))
+    )
+    return head + body
+
+
+class ProxyRequest(Request):
+    """
+    A request that keeps its body in memory (ready for retries on another
+    account) and refuses one over the cap before reading it.
+    """
+
+    _rejected = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()
+        if length is not None and length > self.channel.site.max_body_bytes:
+            self._reject_oversize()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body_bytes:
+            # A chunked body has no length up front: cap it as it arrives.
+            self._reject_oversize()
+            return
+        self.content.write(data)
+
+    def _reject_oversize(self) -> None:
+        """
+        Answer 413 straight on the channel.
+
+        This runs before the channel has told the request its method and
+        version (Request.write would send an HTTP/0.9 response), so the
+        response is written raw, with the version from the channel.
+        """
+        self._rejected = True
+        self.content = io.BytesIO()
+        version = getattr(self.channel, "_version", None) or b"HTTP/1.1"
+        if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+            version = b"HTTP/1.1"
+        transport = self.channel.transport
+        transport.write(_raw_413(version, self.channel.site.max_body_bytes))
+        # Close once the answer is out; what the client still sends is
+        # discarded above rather than buffered.
+        transport.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+
+class ProxySite(Site):
+    requestFactory = ProxyRequest
+
+    def __init__(self, resource: Resource, max_body_bytes: int, **kw: Any) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False, **kw)
+        self.max_body_bytes = max_body_bytes
+
+    def log(self, request: Request) -> None:
+        # The request log of this project is its event stream; Twisted's
+        # access log line would repeat it.
+        pass
+
+
+def request_model(body: bytes) -> str | None:
+    match = _MODEL_RE.search(body, 0, _MODEL_SCAN_BYTES)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def route_context(request: Request, body: bytes) -> RouteContext:
+    session = request.requestHeaders.getRawHeaders(b"x-claude-code-session-id")
+    return RouteContext(
+        session=session[-1].decode("latin-1") if session else None,
+        model=request_model(body),
+    )
+
+
+def upstream_headers(client: Headers, account: Account) -> Headers:
+    """
+    The client's headers minus hop-by-hop ones and its credentials, plus the
+    account's credentials.
+    """
+    connection_tokens = {
+        token.strip().lower()
+        for value in client.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    }
+    out = Headers()
+    for name, values in client.getAllRawHeaders():
+        lowered = name.lower()
+        if (
+            lowered in _HOP_BY_HOP
+            or lowered in _CLIENT_CREDENTIALS
+            or lowered in _REQUEST_ONLY
+            or lowered in connection_tokens
+        ):
+            continue
+        out.setRawHeaders(name, values)
+    credential = (account.config.credential or "").encode("latin-1")
+    if account.kind == "apikey":
+        out.setRawHeaders(b"x-api-key", [credential])
+    else:
+        out.setRawHeaders(b"authorization", [b"Bearer " + credential])
+        out.setRawHeaders(b"anthropic-beta", [_merge_beta(out.getRawHeaders(b"anthropic-beta", []))])
+    return out
+
+
+def _merge_beta(values: list[bytes]) -> bytes:
+    flags = [flag.strip() for value in values for flag in value.split(b",") if flag.strip()]
+    if OAUTH_BETA not in flags:
+        flags.append(OAUTH_BETA)
+    return b",".join(flags)
+
+
+def rate_limit_headers(headers: Headers) -> dict[str, str]:
+    """
+    The response headers the quota parser reads, as a lowercase dict.
+    """
+    found: dict[str, str] = {}
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if (
+            lowered.startswith(b"anthropic-ratelimit-")
+            or lowered == b"retry-after"
+            or lowered == b"x-should-retry"
+        ):
+            found[lowered.decode("latin-1")] = values[-1].decode("latin-1")
+    return found
+
+
+def client_key_matches(request: Request, key: str) -> bool:
+    """
+    Whether any credential the client presents is the proxy key.
+
+    Subscription-mode Claude Code sends its own Bearer token *and* the
+    x-nextclaude-key header, so every candidate is tried, each compared in
+    constant time.
+    """
+    if not key:
+        return False
+    expected = key.encode("utf-8")
+    headers = request.requestHeaders
+    candidates = list(headers.getRawHeaders(b"x-api-key", []))
+    candidates += headers.getRawHeaders(b"x-nextclaude-key", [])
+    for value in headers.getRawHeaders(b"authorization", []):
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() == b"bearer":
+            candidates.append(token.strip())
+    matched = False
+    for candidate in candidates:
+        matched |= hmac.compare_digest(candidate, expected)
+    return matched
+
+
+def is_loopback(request: Request) -> bool:
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    if host is None:
+        # A UNIX socket peer is local by construction.
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class StreamRelay(Protocol):
+    """
+    Receives the upstream body and writes each chunk to the client as it
+    arrives.  The upstream transport is registered as the client request's
+    producer, so a client that reads slowly pauses the upstream read.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        reactor: IReactorTime,
+        idle_timeout: float,
+        parser: Callable[[bytes], None] | None,
+    ) -> None:
+        self._request = request
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
+        self._feed = parser
+        self._last_data = reactor.seconds()
+        self._idle_call = None
+        self.timed_out = False
+        self.done: Deferred[Failure | None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self.transport, True)
+        self._idle_call = self._reactor.callLater(self._idle_timeout, self._check_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Stamping a time is cheaper than resetting a timer on every chunk.
+        self._last_data = self._reactor.seconds()
+        if self._feed is not None:
+            self._feed(data)
+        self._request.write(data)
+
+    def _check_idle(self) -> None:
+        silent = self._reactor.seconds() - self._last_data
+        if silent >= self._idle_timeout:
+            self._idle_call = None
+            self.timed_out = True
+            self.abort()
+        else:
+            self._idle_call = self._reactor.callLater(
+                self._idle_timeout - silent, self._check_idle
+            )
+
+    def abort(self) -> None:
+        """
+        Drop the upstream connection (the client went away or the stream
+        went silent).
+        """
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self._request.unregisterProducer()
+        clean = reason.check(ResponseDone, PotentialDataLoss) and not self.timed_out
+        self.done.callback(None if clean else reason)
+
+
+_CONNECT_ERRORS = (ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed, ConnectionClosed)
+
+
+class _UpstreamUnavailable(Exception):
+    """
+    No response from upstream: C{code} is what the client gets (502 or 504).
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Discard(Protocol):
+    def __init__(self) -> None:
+        self.done: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.done.callback(None)
+
+
+class ProxyResource(Resource):
+    """
+    Every path is relayed upstream except C{HEAD /} (Claude Code's
+    preconnect, answered locally) and the status endpoint.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        config: Config,
+        router: Router,
+        upstream: UpstreamService,
+        hub: EventHub,
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._config = config
+        self._router = router
+        self._upstream = upstream
+        self._hub = hub
+        self._status = status
+        self._next_id = 0
+
+    def render(self, request: Request) -> bytes | int:
+        if request.method == b"HEAD" and request.path == b"/":
+            request.setHeader(b"content-type", b"text/plain")
+            return b""
+        if not self._authorized(request):
+            return respond_error(
+                request,
+                401,
+                "authentication_error",
+                "This NextClaude proxy needs its key: send it as x-api-key, "
+                "Authorization: Bearer or x-nextclaude-key (see `nextclaude env`).",
+            )
+        if request.path == STATUS_PATH:
+            if request.method != b"GET":
+                return respond_error(request, 405, "invalid_request_error", "Use GET.")
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(self._status()).encode("utf-8")
+        Deferred.fromCoroutine(self._relay(request)).addErrback(
+            self._crashed, request
+        )
+        return NOT_DONE_YET
+
+    def _authorized(self, request: Request) -> bool:
+        settings = self._config.proxy
+        if settings.trust_loopback and is_loopback(request):
+            return True
+        return client_key_matches(request, settings.api_key)
+
+    def _crashed(self, failure: Failure, request: Request) -> None:
+        self._log.failure("relaying {path} failed", failure, path=request.path)
+        if not request.startedWriting and not request._disconnected:
+            request.write(respond_error(request, 500, "api_error", "Internal proxy error."))
+        if not request.finished and not request._disconnected:
+            request.finish()
+
+    async def _relay(self, request: Request) -> None:
+        self._next_id += 1
+        request_id = self._next_id
+        started = self._reactor.seconds()
+        body = request.content.getvalue()
+        context = route_context(request, body)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        self._hub.emit(
+            events.REQUEST_STARTED,
+            started,
+            id=request_id,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1", "replace"),
+            session=context.session,
+            bytes=len(body),
+        )
+        tried: set[str] = set()
+        connect_retried = False
+        while True:
+            decision = self._router.route(context, frozenset(tried))
+            account = decision.account
+            if account is None:
+                self._reject_exhausted(request, decision.retry_after, decision.reset)
+                self._finished_event(request_id, started, None, 429, decision.reason, None)
+                return
+            self._hub.emit(
+                events.REQUEST_ROUTED,
+                self._reactor.seconds(),
+                id=request_id,
+                account=account.name,
+                reason=decision.reason,
+                session=context.session,
+            )
+            try:
+                response = await self._fetch(request, account, body)
+            except _UpstreamUnavailable as failure:
+                if gone:
+                    self._router.on_finished(account, None, False, context)
+                    return
+                if failure.code == 502 and not connect_retried:
+                    # A pooled connection the upstream had already closed
+                    # fails this way: one fresh attempt is always worth it.
+                    connect_retried = True
+                    continue
+                self._router.on_finished(account, None, False, context)
+                self._finish_error(request, failure.code, "api_error", failure.message)
+                self._finished_event(request_id, started, account, failure.code, decision.reason, None, ok=False)
+                return
+            report = parse_rate_limit_headers(rate_limit_headers(response.headers), self._reactor.seconds())
+            if self._router.on_response(account, response.code, report, context) and not gone:
+                tried.add(account.name)
+                await self._discard(response)
+                continue
+            if gone:
+                await self._discard(response)
+                self._router.on_finished(account, None, False, context)
+                return
+            usage, ok = await self._stream(request, response)
+            self._router.on_finished(account, usage, ok and response.code < 500, context)
+            self._finished_event(request_id, started, account, response.code, decision.reason, usage, ok=ok)
+            return
+
+    async def _fetch(self, request: Request, account: Account, body: bytes) -> IResponse:
+        """
+        Send the request upstream on C{account} and wait for the response
+        headers, at most C{proxy.upstreamTimeout}; give up at once if the
+        client goes away.
+        """
+        pending = self._upstream.request(
+            request.method,
+            request.uri,
+            upstream_headers(request.requestHeaders, account),
+            body,
+        )
+        request.notifyFinish().addErrback(lambda _: pending.cancel())
+        timeout = self._reactor.callLater(self._config.proxy.upstream_timeout, pending.cancel)
+        try:
+            return await pending
+        except CancelledError:
+            raise _UpstreamUnavailable(
+                504, "The upstream API did not answer in time (proxy.upstreamTimeout)."
+            )
+        except _CONNECT_ERRORS as error:
+            self._log.warn("upstream unreachable: {error}", error=error)
+            raise _UpstreamUnavailable(502, "The upstream API could not be reached.")
+        finally:
+            if timeout.active():
+                timeout.cancel()
+
+    async def _discard(self, response: IResponse) -> None:
+        sink = _Discard()
+        response.deliverBody(sink)
+        await sink.done
+
+    async def _stream(self, request: Request, response: IResponse) -> tuple[Usage | None, bool]:
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in _RESPONSE_DROP:
+                request.responseHeaders.setRawHeaders(name, values)
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[-1]
+        stream_parser: StreamParser | None = None
+        collected: list[bytes] = []
+        feed: Callable[[bytes], None] | None = None
+        if content_type.startswith(b"text/event-stream"):
+            stream_parser = StreamParser()
+            feed = stream_parser.feed
+        elif content_type.startswith(b"application/json"):
+            size = [0]
+
+            def feed(data: bytes) -> None:
+                size[0] += len(data)
+                if size[0] <= _JSON_USAGE_LIMIT:
+                    collected.append(data)
+
+        relay = StreamRelay(request, self._reactor, self._config.proxy.stream_idle_timeout, feed)
+        request.notifyFinish().addErrback(lambda _: relay.abort())
+        response.deliverBody(relay)
+        failure = await relay.done
+        if failure is not None:
+            # Never complete a cut stream: the client must see it broke.
+            self._log.warn("upstream stream ended early: {why}", why=failure.getErrorMessage() if not relay.timed_out else "idle timeout")
+            if not request._disconnected:
+                request.loseConnection()
+            return self._usage(stream_parser, collected), False
+        if not request._disconnected and not request.finished:
+            request.finish()
+        return self._usage(stream_parser, collected), not request._disconnected
+
+    @staticmethod
+    def _usage(stream_parser: StreamParser | None, collected: list[bytes]) -> Usage | None:
+        if stream_parser is not None:
+            stream_parser.finish()
+            return stream_parser.usage if stream_parser.events else None
+        if collected:
+            usage, _model, _error = usage_from_json_body(b"".join(collected))
+            return usage
+        return None
+
+    def _finish_error(self, request: Request, code: int, kind: str, message: str) -> None:
+        if request._disconnected or request.finished:
+            return
+        request.write(respond_error(request, code, kind, message))
+        request.finish()
+
+    def _reject_exhausted(self, request: Request, retry_after: int | None, reset: float | None) -> None:
+        if request._disconnected:
+            return
+        cap = self._config.retry_after_cap
+        wait = min(retry_after if retry_after is not None else cap, cap)
+        request.setHeader(b"retry-after", str(wait).encode("ascii"))
+        request.setHeader(b"anthropic-ratelimit-unified-status", b"rejected")
+        if reset is not None:
+            request.setHeader(b"anthropic-ratelimit-unified-reset", str(int(reset)).encode("ascii"))
+        self._finish_error(
+            request,
+            429,
+            "rate_limit_error",
+            f"Every NextClaude account is out of quota; retry in {wait} s.",
+        )
+
+    def _finished_event(
+        self,
+        request_id: int,
+        started: float,
+        account: Account | None,
+        status: int,
+        reason: str,
+        usage: Usage | None,
+        ok: bool = True,
+    ) -> None:
+        now = self._reactor.seconds()
+        self._hub.emit(
+            events.REQUEST_FINISHED,
+            now,
+            id=request_id,
+            account=account.name if account is not None else None,
+            status=status,
+            reason=reason,
+            ok=ok,
+            duration=now - started,
+            usage=usage.to_json() if usage is not None else None,
+        )

@@ -1,0 +1,172 @@
+"""
+Assembles the running proxy from a loaded configuration: the upstream
+client, the persisted state, and the listening web server, as one
+MultiService shared by twistd, `nextclaude server` and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from nextclaude import events, paths
+from nextclaude.config import Config
+from nextclaude.events import Event, EventHub
+from nextclaude.pool import AccountPool, Thresholds
+from nextclaude.proxy import ProxyResource, ProxySite
+from nextclaude.router import Router
+from nextclaude.status import snapshot
+from nextclaude.store import JsonStore
+from nextclaude.upstream import UpstreamService
+
+STATE_SAVE_INTERVAL = 30.0
+
+
+class StateService(Service):
+    """
+    Restores quota, usage and the primary on start; saves them periodically
+    and on stop.  Each save is one operation on the freshly read file.
+    """
+
+    name = "state"
+    _log = Logger()
+
+    def __init__(
+        self, reactor: IReactorTime, store: JsonStore, router: Router, interval: float = STATE_SAVE_INTERVAL
+    ) -> None:
+        self._reactor = reactor
+        self._store = store
+        self._router = router
+        self._interval = interval
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            saved = self._store.read()
+        except Exception as error:
+            # A broken state file costs only what it remembered; the config
+            # is intact and the next save rewrites the state.
+            self._log.warn("ignoring unreadable state file: {error}", error=error)
+            saved = None
+        if saved:
+            self._router.restore(saved)
+        self._loop = LoopingCall(self.save)
+        self._loop.clock = self._reactor
+        self._loop.start(self._interval, now=False)
+
+    def save(self) -> None:
+        state = self._router.to_state()
+
+        def replace(data: dict[str, Any]) -> None:
+            data.clear()
+            data.update(state)
+
+        try:
+            self._store.update(replace, create=dict)
+        except Exception:
+            self._log.failure("saving the state file failed")
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self.save()
+
+
+class ListenService(Service):
+    """
+    The web server on the configured interface and port.  Binding happens in
+    startService, so a port already in use surfaces there as
+    CannotListenError, naming the port.
+    """
+
+    name = "listen"
+
+    def __init__(self, reactor: IReactorTCP, site: ProxySite, port: int, host: str) -> None:
+        self._reactor = reactor
+        self._site = site
+        self._port_number = port
+        self._host = host
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        self.port = self._reactor.listenTCP(self._port_number, self._site, interface=self._host)
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+class ProxyService(MultiService):
+    """
+    The whole proxy.  Children start in order: upstream client, state, then
+    the listening port, so no request arrives before the state is restored.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, config: Config, hub: EventHub | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.hub = hub if hub is not None else EventHub()
+        self.pool = AccountPool(
+            config.accounts,
+            Thresholds(switch=config.switch_threshold, hard=config.hard_threshold),
+        )
+        self.router = Router(self.pool, reactor.seconds, self.hub, config.retry_after_cap)
+        self.started_at = reactor.seconds()
+        self.upstream = UpstreamService(reactor, config.upstream)
+        self.upstream.setServiceParent(self)
+        state_path = paths.state_file(config.path)
+        self.state = StateService(
+            reactor, JsonStore(state_path, paths.lock_file(config.path)), self.router
+        )
+        self.state.setServiceParent(self)
+        resource = ProxyResource(reactor, config, self.router, self.upstream, self.hub, self.status)
+        self.site = ProxySite(resource, config.proxy.max_body_bytes, reactor=reactor)
+        self.listener = ListenService(reactor, self.site, config.proxy.port, config.proxy.host)
+        self.listener.setServiceParent(self)
+        self.hub.subscribe(self._log_event)
+
+    def address(self) -> tuple[str | None, int | None]:
+        if self.listener.port is None:
+            return None, None
+        host = self.listener.port.getHost()
+        return host.host, host.port
+
+    def status(self) -> dict[str, Any]:
+        host, port = self.address()
+        return snapshot(self.router, self.reactor.seconds(), self.started_at, host, port)
+
+    def _log_event(self, event: Event) -> None:
+        # Routing events are worth a plain log line; per-request ones are
+        # summarised once, when the request finishes.
+        if event.kind == events.REQUEST_FINISHED:
+            usage = event.data.get("usage") or {}
+            self._log.info(
+                "{status} {account} {reason} {duration:.2f}s in={input} out={output} "
+                "cache_read={read} cache_write={write}",
+                status=event.data.get("status"),
+                account=event.data.get("account") or "-",
+                reason=event.data.get("reason"),
+                duration=event.data.get("duration", 0.0),
+                input=usage.get("input_tokens", 0),
+                output=usage.get("output_tokens", 0),
+                read=usage.get("cache_read_input_tokens", 0),
+                write=usage.get("cache_creation_input_tokens", 0),
+            )
+        elif event.kind not in (events.REQUEST_STARTED, events.REQUEST_ROUTED):
+            details = " ".join(f"{key}={value}" for key, value in sorted(event.data.items()))
+            self._log.info("{kind} {details}", kind=event.kind, details=details)

@@ -1,0 +1,67 @@
+"""
+The status snapshot: one JSON schema for the status endpoint, `nextclaude
+status --json`, and the console.  Later versions add fields, never rename.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nextclaude import __version__
+from nextclaude.pool import Account
+from nextclaude.router import Router
+
+
+def account_snapshot(router: Router, account: Account, now: float) -> dict[str, Any]:
+    windows = {
+        name: {
+            "utilization": window.utilization,
+            "reset": window.reset,
+            "status": window.status,
+        }
+        for name, window in account.live_windows(now).items()
+    }
+    return {
+        "name": account.name,
+        "type": account.kind,
+        "tier": account.tier,
+        "priority": account.priority,
+        "status": router.status_of(account).value,
+        "flags": router.flags_of(account),
+        "error": account.error,
+        "throttledUntil": account.throttled_until
+        if account.throttled_until is not None and account.throttled_until > now
+        else None,
+        "exhaustedUntil": account.exhausted_until
+        if account.exhausted_until is not None and account.exhausted_until > now
+        else None,
+        "windows": windows,
+        "usage": account.usage.to_json(),
+    }
+
+
+def snapshot(
+    router: Router,
+    now: float,
+    started: float,
+    host: str | None,
+    port: int | None,
+) -> dict[str, Any]:
+    accounts = [account_snapshot(router, account, now) for account in router.pool]
+    totals: dict[str, int] = {}
+    for account in accounts:
+        for key, value in account["usage"].items():
+            totals[key] = totals.get(key, 0) + value
+    return {
+        "version": __version__,
+        "time": now,
+        "startedAt": started,
+        "uptime": max(0.0, now - started),
+        "listen": {"host": host, "port": port},
+        "primary": router.primary,
+        "sessions": router.tracked_sessions(),
+        "switchThreshold": router.pool.thresholds.switch,
+        "hardThreshold": router.pool.thresholds.hard,
+        "totals": totals,
+        "accounts": accounts,
+    }

@@ -1,0 +1,111 @@
+"""
+The upstream client: one persistent connection pool and a treq client that
+keeps no cookies and follows no redirects, owned by a service.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+# Enough idle connections per host for a busy pool of Claude Code sessions
+# (the default of 2 would make most requests pay a new TLS handshake).
+MAX_PERSISTENT_PER_HOST = 32
+
+CONNECT_TIMEOUT = 30.0
+
+
+def _no_cookies() -> CookieJar:
+    """
+    A jar that accepts nothing: one shared jar would carry one account's
+    cookies into another account's requests.
+    """
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    Writes a body that is already in memory in one go, with its length known
+    up front (treq's default producer would trickle it through a
+    cooperator).
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body) if body else 0
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        if self._body:
+            consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class UpstreamService(Service):
+    """
+    Owns the connection pool: created in startService, closed in
+    stopService.
+    """
+
+    name = "upstream"
+
+    def __init__(self, reactor: IReactorTime, base_url: str) -> None:
+        self._reactor = reactor
+        self.base_url = base_url.rstrip("/")
+        self._pool: HTTPConnectionPool | None = None
+        self._client: HTTPClient | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool = HTTPConnectionPool(self._reactor, persistent=True)
+        self._pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+        agent = Agent(self._reactor, pool=self._pool, connectTimeout=CONNECT_TIMEOUT)
+        self._client = HTTPClient(agent, cookiejar=_no_cookies())
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        pool, self._pool, self._client = self._pool, None, None
+        if pool is not None:
+            return pool.closeCachedConnections()
+        return None
+
+    def request(
+        self, method: bytes, path: bytes, headers: Headers, body: bytes
+    ) -> Deferred[IResponse]:
+        """
+        Send one request; the Deferred fires with the response as soon as
+        its headers arrive (the body streams through C{deliverBody}).
+        Cancel it to give up waiting and drop the connection.
+        """
+        if self._client is None:
+            raise RuntimeError("the upstream service is not running")
+        url = self.base_url.encode("ascii") + path
+        return self._client.request(
+            method.decode("ascii"),
+            url,
+            headers=headers,
+            data=BytesProducer(body) if body or method not in (b"GET", b"HEAD") else None,
+            allow_redirects=False,
+            unbuffered=True,
+            reactor=self._reactor,
+        )
+
+
+__all__ = ["UpstreamService", "BytesProducer", "UNKNOWN_LENGTH"]
