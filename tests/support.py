@@ -1,0 +1,241 @@
+"""
+Shared test fixtures: a scriptable fake upstream, a proxy started on
+loopback port 0 from a real config file, and a client that keeps no
+connections around after a test.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface import directlyProvides, providedBy
+
+from nextclaude.config import load_config
+from nextclaude.service import ProxyService
+
+PROXY_KEY = "nc-test-key-0123456789"
+
+
+def sse(kind: str, data: dict[str, Any]) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps(data).encode())
+
+
+def message_start(input_tokens: int = 10, cache_read: int = 0, cache_creation: int = 0) -> bytes:
+    return sse(
+        "message_start",
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-sonnet-4-5",
+                "content": [],
+                "stop_reason": None,
+                "usage": {
+                    "input_tokens": input_tokens,
+                    "cache_read_input_tokens": cache_read,
+                    "cache_creation_input_tokens": cache_creation,
+                    "output_tokens": 1,
+                },
+            },
+        },
+    )
+
+
+def message_end(output_tokens: int = 7) -> bytes:
+    return sse(
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": output_tokens},
+        },
+    ) + sse("message_stop", {"type": "message_stop"})
+
+
+def text_delta(text: str) -> bytes:
+    return sse(
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+    )
+
+
+@dataclass
+class Seen:
+    """
+    One request as the fake upstream received it.
+    """
+
+    method: bytes
+    uri: bytes
+    headers: dict[bytes, list[bytes]]
+    body: bytes
+    request: Request
+    gone: Deferred[None] = field(default_factory=Deferred)
+
+
+Handler = Callable[[Seen], "bytes | int"]
+
+
+class FakeUpstream(Resource):
+    """
+    An upstream whose every answer the test scripts: C{handler} gets each
+    request and either returns a body or NOT_DONE_YET and writes later.
+    Each arrival fires the next Deferred from L{next_request}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.seen: list[Seen] = []
+        self._waiting: list[Deferred[Seen]] = []
+
+    def next_request(self) -> Deferred[Seen]:
+        waiter: Deferred[Seen] = Deferred()
+        self._waiting.append(waiter)
+        return waiter
+
+    def render(self, request: Request) -> bytes | int:
+        seen = Seen(
+            method=request.method,
+            uri=request.uri,
+            headers={name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()},
+            body=request.content.read(),
+            request=request,
+        )
+        request.notifyFinish().addBoth(lambda result: seen.gone.callback(result))
+        self.seen.append(seen)
+        result = self.handler(seen)
+        if self._waiting:
+            self._waiting.pop(0).callback(seen)
+        return result
+
+
+def json_reply(request: Request, code: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode(), value.encode())
+    return json.dumps(payload).encode()
+
+
+def listen(test: Any, resource: Resource) -> int:
+    """
+    Serve C{resource} on loopback port 0 for the length of the test.
+    """
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+def write_config(test: Any, upstream_port: int, accounts: list[dict[str, Any]] | None = None, **extra: Any) -> Path:
+    directory = Path(test.mktemp())
+    directory.mkdir(mode=0o700)
+    path = directory / "config.json"
+    if accounts is None:
+        accounts = [
+            {"name": "alice", "type": "oauth", "accessToken": "sk-ant-oat01-alice"},
+            {"name": "bob", "type": "oauth", "accessToken": "sk-ant-oat01-bob"},
+        ]
+    data: dict[str, Any] = {
+        "proxy": {"port": 3456, "host": "127.0.0.1", "apiKey": PROXY_KEY},
+        "upstream": f"http://127.0.0.1:{upstream_port}",
+        "accounts": accounts,
+    }
+    for key, value in extra.items():
+        if key == "proxy":
+            data["proxy"].update(value)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+    path.chmod(0o600)
+    return path
+
+
+class MixedReactor:
+    """
+    The real reactor for sockets, a L{Clock} for time: end-to-end tests of
+    timeouts advance the clock instead of waiting.
+    """
+
+    def __init__(self, real: Any, clock: Clock) -> None:
+        self._real = real
+        self._clock = clock
+        directlyProvides(self, *list(providedBy(real)))
+
+    def seconds(self) -> float:
+        return self._clock.seconds()
+
+    def callLater(self, *args: Any, **kw: Any) -> Any:
+        return self._clock.callLater(*args, **kw)
+
+    def getDelayedCalls(self) -> Any:
+        return self._clock.getDelayedCalls()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def start_proxy(test: Any, config_path: Path, the_reactor: Any = reactor) -> tuple[ProxyService, str]:
+    # The file must name a real port; the test listens on a free one.
+    config = load_config(config_path).with_overrides(port=0)
+    service = ProxyService(the_reactor, config)
+    service.startService()
+    test.addCleanup(service.stopService)
+    host, port = service.address()
+    return service, f"http://{host}:{port}"
+
+
+def client(test: Any) -> HTTPClient:
+    """
+    A treq client whose connections close after each response, so no test
+    leaves a socket behind.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    test.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+def auth(extra: dict[str, str] | None = None) -> dict[str, str]:
+    headers = {"x-api-key": PROXY_KEY, "content-type": "application/json", "anthropic-version": "2023-06-01"}
+    headers.update(extra or {})
+    return headers
+
+
+class ChunkCollector(Protocol):
+    """
+    Collects a streamed body, firing L{first} on the first chunk and
+    L{done} when the body ends (with the reason).
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.first: Deferred[bytes] = Deferred()
+        self.done: Deferred[Any] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if not self.first.called:
+            self.first.callback(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback(reason)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
