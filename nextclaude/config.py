@@ -155,7 +155,9 @@ class Config:
         """
         proxy = self.proxy
         if port is not None:
-            proxy = replace(proxy, port=_check(_port, port, "port"))
+            # 0 ("any free port") is for tests and one-off runs; the file,
+            # read by clients to find the proxy, must name a real port.
+            proxy = replace(proxy, port=_check(lambda v: _integer(v, 0, 65535), port, "port"))
         if host is not None:
             proxy = replace(proxy, host=_check(_non_empty_string, host, "host"))
         changes: dict[str, Any] = {"proxy": proxy}

@@ -19,7 +19,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,7 +89,8 @@ class StoreError(Exception):
 class _Holding:
     fd: int
     depth: int = 0
-    in_operation: bool = False
+    # Data files (one lock may guard several) with an operation running.
+    operating: set[str] = field(default_factory=set)
 
 
 # flock belongs to an open file description, so a second open() of the lock
@@ -214,10 +215,11 @@ class JsonStore:
         """
         with self.locked():
             holding = _held[self._key()]
-            if holding.in_operation:
+            target = os.path.realpath(self.path)
+            if target in holding.operating:
                 # The outer operation holds a copy read before this one would
                 # write; writing both would lose this update. Fail loudly.
-                raise RuntimeError(f"{self!r}.update() called from inside an update operation")
+                raise RuntimeError(f"{self!r}.update() called from inside an update operation on the same file")
             data = self.read()
             if data is None:
                 if create is None:
@@ -226,11 +228,11 @@ class JsonStore:
                 before = None
             else:
                 before = copy.deepcopy(data)
-            holding.in_operation = True
+            holding.operating.add(target)
             try:
                 result = operation(data)
             finally:
-                holding.in_operation = False
+                holding.operating.discard(target)
             if not isinstance(data, dict):
                 raise TypeError("update operations must leave a dict")
             if data != before:

@@ -402,6 +402,7 @@ class OverrideTests(SynchronousTestCase):
         cases: list[tuple[dict[str, Any], tuple[Any, ...]]] = [
             ({}, (1000, "::1", "http://u.test", None)),
             ({"port": 2000}, (2000, "::1", "http://u.test", None)),
+            ({"port": 0}, (0, "::1", "http://u.test", None)),
             ({"host": "0.0.0.0"}, (1000, "0.0.0.0", "http://u.test", None)),
             ({"upstream": "https://v.test/"}, (1000, "::1", "https://v.test", None)),
             ({"log_dir": "/l"}, (1000, "::1", "http://u.test", Path("/l"))),
@@ -416,7 +417,8 @@ class OverrideTests(SynchronousTestCase):
         """A bad flag value is a ValueError naming the setting, not a ConfigError blaming the file."""
         base = parse_config({}, PATH)
         bad: list[tuple[dict[str, Any], str]] = [
-            ({"port": 0}, "port must be an integer between 1 and 65535, not 0"),
+            ({"port": -1}, "port must be an integer between 0 and 65535, not -1"),
+            ({"port": "80"}, "port must be an integer between 0 and 65535, not '80'"),
             ({"host": ""}, "host must be a non-empty string"),
             ({"upstream": "nope"}, "upstream must be an http:// or https:// URL"),
         ]

@@ -266,6 +266,17 @@ class UpdateTests(StoreTestCase):
         self.assertRaises(RuntimeError, first.update, outer)
         self.assertEqual(self.path.read_bytes(), b"{}")
 
+    def test_other_file_inside_update(self) -> None:
+        """An update of a different file that shares the lock may run inside an operation."""
+        other = JsonStore(self.dir / "other.json", self.lock)
+
+        def outer(data: dict[str, Any]) -> None:
+            data["outer"] = True
+            other.update(lambda inner: inner.update(inner=True), create=dict)
+
+        self.store().update(outer, create=dict)
+        self.assertEqual((self.store().read(), other.read()), ({"outer": True}, {"inner": True}))
+
     def test_update_inside_locked(self) -> None:
         """update() works while the same thread holds locked(), and the lock is released after."""
         with self.store().locked():
