@@ -287,7 +287,8 @@ class StreamRelay(Protocol):
         self._last_data = reactor.seconds()
         self._idle_call = None
         self.timed_out = False
-        self.done: Deferred[Failure | None] = Deferred()
+        # Fires with None for a clean end, else with why the stream broke.
+        self.done: Deferred[BaseException | None] = Deferred()
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self.transport, True)
@@ -323,9 +324,10 @@ class StreamRelay(Protocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
-        self._request.unregisterProducer()
+        if self._request.channel is not None:
+            self._request.unregisterProducer()
         clean = reason.check(ResponseDone, PotentialDataLoss) and not self.timed_out
-        self.done.callback(None if clean else reason)
+        self.done.callback(None if clean else reason.value)
 
 
 _CONNECT_ERRORS = (ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed, ConnectionClosed)
@@ -488,14 +490,23 @@ class ProxyResource(Resource):
             body,
         )
         request.notifyFinish().addErrback(lambda _: pending.cancel())
-        timeout = self._reactor.callLater(self._config.proxy.upstream_timeout, pending.cancel)
+        timed_out: list[bool] = []
+
+        def give_up() -> None:
+            timed_out.append(True)
+            pending.cancel()
+
+        timeout = self._reactor.callLater(self._config.proxy.upstream_timeout, give_up)
         try:
             return await pending
-        except CancelledError:
-            raise _UpstreamUnavailable(
-                504, "The upstream API did not answer in time (proxy.upstreamTimeout)."
-            )
-        except _CONNECT_ERRORS as error:
+        except (CancelledError, *_CONNECT_ERRORS) as error:
+            # Cancelling a request already on the wire surfaces as
+            # ResponseNeverReceived, so the flag, not the type, tells a
+            # timeout from a connection failure.
+            if timed_out:
+                raise _UpstreamUnavailable(
+                    504, "The upstream API did not answer in time (proxy.upstreamTimeout)."
+                )
             self._log.warn("upstream unreachable: {error}", error=error)
             raise _UpstreamUnavailable(502, "The upstream API could not be reached.")
         finally:
@@ -533,7 +544,8 @@ class ProxyResource(Resource):
         failure = await relay.done
         if failure is not None:
             # Never complete a cut stream: the client must see it broke.
-            self._log.warn("upstream stream ended early: {why}", why=failure.getErrorMessage() if not relay.timed_out else "idle timeout")
+            why = "idle timeout (proxy.streamIdleTimeout)" if relay.timed_out else str(failure)
+            self._log.warn("upstream stream ended early: {why}", why=why)
             if not request._disconnected:
                 request.loseConnection()
             return self._usage(stream_parser, collected), False

@@ -233,7 +233,8 @@ class ChunkCollector(Protocol):
             self.first.callback(data)
 
     def connectionLost(self, reason: Any) -> None:
-        self.done.callback(reason)
+        # The exception, not the Failure: awaiting done must not raise.
+        self.done.callback(reason.value)
 
     @property
     def body(self) -> bytes:
