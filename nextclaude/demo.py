@@ -46,7 +46,7 @@ class DemoSettings:
     turns: int = 12
     # Sized so that the scripted traffic fills about two accounts: the
     # demo shows a switch without running everything dry.
-    five_hour_tokens: int = 26_000
+    five_hour_tokens: int = 40_000
     delta_interval: float = 0.02
 
 

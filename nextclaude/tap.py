@@ -55,7 +55,10 @@ def load_proxy_config(
         config = load_config(path)
     except ConfigError as error:
         raise usage.UsageError(str(error))
-    config = config.with_overrides(port=port, host=host, upstream=upstream)
+    try:
+        config = config.with_overrides(port=port, host=host, upstream=upstream)
+    except ValueError as error:
+        raise usage.UsageError(str(error))
     if not config.accounts:
         raise usage.UsageError(NO_ACCOUNTS_MESSAGE.format(path=path))
     return config

@@ -7,6 +7,9 @@ connections around after a test.
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,8 +17,9 @@ from typing import Any, Callable
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -240,3 +244,63 @@ class ChunkCollector(Protocol):
     def body(self) -> bytes:
         return b"".join(self.chunks)
 
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ProcessWatcher(ProcessProtocol):
+    """
+    Collects a child process's output; L{line_matching} fires when a line
+    of its stdout matches, L{ended} with the exit code.
+    """
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: Deferred[int | None] = Deferred()
+        self._watches: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
+
+    def line_matching(self, pattern: bytes) -> Deferred[re.Match[bytes]]:
+        waiter: Deferred[re.Match[bytes]] = Deferred()
+        self._watches.append((re.compile(pattern), waiter))
+        self._check()
+        return waiter
+
+    def _check(self) -> None:
+        for watch in list(self._watches):
+            match = watch[0].search(self.out)
+            if match:
+                self._watches.remove(watch)
+                watch[1].callback(match)
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        self._check()
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+def spawn_nextclaude(test: Any, *args: str) -> ProcessWatcher:
+    """
+    Run `python -m nextclaude ARGS` from the checkout; the test's cleanup
+    kills it if it is still running.
+    """
+    watcher = ProcessWatcher()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    process = reactor.spawnProcess(
+        watcher, sys.executable, [sys.executable, "-m", "nextclaude", *args], env=env
+    )
+
+    def stop() -> Deferred[int | None] | None:
+        if not watcher.ended.called:
+            process.signalProcess("KILL")
+            return watcher.ended
+        return None
+
+    test.addCleanup(stop)
+    return watcher

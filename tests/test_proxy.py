@@ -526,3 +526,34 @@ class BodyCapTests(TestCase):
         response = await client(self).post(url + "/v1/messages", data=body, headers=auth())
         await response.content()
         self.assertEqual(upstream.seen[0].body, body)
+
+
+class LogHygieneTests(TestCase):
+    async def test_no_credential_is_ever_logged(self) -> None:
+        """
+        Across a served request, a quota 429 retried elsewhere and an
+        unreachable upstream, no log event carries an account token or
+        the proxy key.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        logged: list[str] = []
+
+        def observe(event: dict) -> None:
+            logged.append(formatEvent(event) + repr(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+        def handler(seen: Seen) -> bytes:
+            if seen.headers[b"authorization"] == [b"Bearer sk-ant-oat01-alice"]:
+                return json_reply(seen.request, 429, {}, {"anthropic-ratelimit-unified-status": "rejected"})
+            return ok_message(seen)
+
+        service, url = start_proxy(self, write_config(self, listen(self, FakeUpstream(handler))))
+        response = await client(self).post(url + "/v1/messages", data=MESSAGE_BODY, headers=auth())
+        await response.content()
+        text = "\n".join(logged)
+        self.assertIn("bob", text)
+        for secret in ("sk-ant-oat01-alice", "sk-ant-oat01-bob", PROXY_KEY):
+            self.assertNotIn(secret, text)

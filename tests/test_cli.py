@@ -1,0 +1,118 @@
+"""
+The `nextclaude` command line: argument handling in process, and the
+`server` command as a real child process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import sys
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Site
+from twisted.web.resource import Resource
+
+from nextclaude.cli import main
+from tests.support import PROXY_KEY, client, spawn_nextclaude, write_config
+
+
+class ArgumentTests(SynchronousTestCase):
+    def run_main(self, *argv: str) -> tuple[int, str]:
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        return main(list(argv)), err.getvalue()
+
+    def test_first_run_creates_config_and_explains_no_accounts(self) -> None:
+        """
+        With no config file, `server` creates one (mode 0600, a random nc-
+        key, no accounts), then exits 1 with a message saying how to add an
+        account.
+        """
+        directory = Path(self.mktemp())
+        path = directory / "config.json"
+        code, err = self.run_main("--config", str(path), "server", "--no-console")
+        self.assertEqual(code, 1)
+        self.assertIn("nextclaude login", err)
+        self.assertIn("nextclaude import", err)
+        self.assertIn(str(path), err)
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+        data = json.loads(path.read_text())
+        self.assertTrue(data["proxy"]["apiKey"].startswith("nc-"))
+        self.assertEqual(data["accounts"], [])
+
+    def test_broken_config_is_named_and_kept(self) -> None:
+        """
+        A config file that is not valid JSON gives exit status 1 and an
+        error naming the file; the file is left exactly as it was.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "config.json"
+        path.write_bytes(b'{"accounts": [}')
+        code, err = self.run_main("--config", str(path), "server")
+        self.assertEqual(code, 1)
+        self.assertIn(str(path), err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(path.read_bytes(), b'{"accounts": [}')
+
+    def test_bad_port_flag(self) -> None:
+        """
+        A --port that is not a port number is refused with a message naming
+        the option, exit status 1.
+        """
+        code, err = self.run_main("--config", str(Path(self.mktemp()) / "c.json"), "server", "--port", "http")
+        self.assertEqual(code, 1)
+        self.assertIn("--port", err)
+
+    def test_command_is_required(self) -> None:
+        """
+        `nextclaude` without a command is a usage error (exit status 2).
+        """
+        self.patch(sys, "stderr", io.StringIO())
+        with self.assertRaises(SystemExit) as raised:
+            main([])
+        self.assertEqual(raised.exception.code, 2)
+
+
+class ServerProcessTests(TestCase):
+    async def test_server_serves_and_exits_cleanly_on_sigterm(self) -> None:
+        """
+        `nextclaude server --port 0` prints where it listens, answers the
+        status endpoint, and on SIGTERM stops with exit status 0 after
+        saving state.json (mode 0600) beside the config.
+        """
+        config = write_config(self, 9)
+        watcher = spawn_nextclaude(self, "--config", str(config), "server", "--port", "0", "--no-console")
+        match = await watcher.line_matching(rb"listening on (http://127\.0\.0\.1:\d+)")
+        url = match.group(1).decode()
+        response = await client(self).get(url + "/nextclaude/status", headers={"x-api-key": PROXY_KEY})
+        status = await response.json()
+        self.assertEqual([a["name"] for a in status["accounts"]], ["alice", "bob"])
+        self.assertEqual(status["listen"]["port"], int(url.rsplit(":", 1)[1]))
+        watcher.transport.signalProcess(signal.SIGTERM)
+        self.assertEqual(await watcher.ended, 0)
+        state = config.parent / "state.json"
+        self.assertEqual(state.stat().st_mode & 0o777, 0o600)
+        self.assertIn("alice", json.loads(state.read_text())["accounts"])
+        self.assertNotIn(b"sk-ant-oat01", watcher.out + watcher.err)
+
+    async def test_port_in_use_is_one_clear_paragraph(self) -> None:
+        """
+        When the port is taken, `server` exits 1 with one paragraph naming
+        the port and the proxy.port field, and no traceback.
+        """
+        taken = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        config = write_config(self, 9)
+        watcher = spawn_nextclaude(self, "--config", str(config), "server", "--port", str(port), "--no-console")
+        self.assertEqual(await watcher.ended, 1)
+        err = watcher.err.decode()
+        self.assertIn(f"127.0.0.1:{port}", err)
+        self.assertIn("proxy.port", err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(err.strip().count("\n"), 0)
