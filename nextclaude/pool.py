@@ -8,6 +8,7 @@ takes ``now`` (epoch seconds) from its caller, whose clock is injected.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -247,8 +248,14 @@ class Account:
 
 
 def _number_or_none(value: object) -> float | None:
+    # JSON numbers like 1e400 parse as infinity; one would keep an account
+    # exhausted forever or make the ranking key raise.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) else None
     return None
 
 

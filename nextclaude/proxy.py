@@ -438,7 +438,7 @@ class ProxyResource(Resource):
             account = decision.account
             if account is None:
                 self._reject_exhausted(request, decision.retry_after, decision.reset)
-                self._finished_event(request_id, started, None, 429, decision.reason, None)
+                self._finished_event(request, request_id, started, None, 429, decision.reason, None)
                 return
             self._hub.emit(
                 events.REQUEST_ROUTED,
@@ -461,7 +461,7 @@ class ProxyResource(Resource):
                     continue
                 self._router.on_finished(account, None, False, context)
                 self._finish_error(request, failure.code, "api_error", failure.message)
-                self._finished_event(request_id, started, account, failure.code, decision.reason, None, ok=False)
+                self._finished_event(request, request_id, started, account, failure.code, decision.reason, None, ok=False)
                 return
             report = parse_rate_limit_headers(rate_limit_headers(response.headers), self._reactor.seconds())
             if self._router.on_response(account, response.code, report, context) and not gone:
@@ -474,7 +474,7 @@ class ProxyResource(Resource):
                 return
             usage, ok = await self._stream(request, response)
             self._router.on_finished(account, usage, ok and response.code < 500, context)
-            self._finished_event(request_id, started, account, response.code, decision.reason, usage, ok=ok)
+            self._finished_event(request, request_id, started, account, response.code, decision.reason, usage, ok=ok)
             return
 
     async def _fetch(self, request: Request, account: Account, body: bytes) -> IResponse:
@@ -587,6 +587,7 @@ class ProxyResource(Resource):
 
     def _finished_event(
         self,
+        request: Request,
         request_id: int,
         started: float,
         account: Account | None,
@@ -600,6 +601,8 @@ class ProxyResource(Resource):
             events.REQUEST_FINISHED,
             now,
             id=request_id,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1", "replace"),
             account=account.name if account is not None else None,
             status=status,
             reason=reason,

@@ -13,13 +13,14 @@ This is the basic policy (one primary, move on at the ceiling or a quota
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from nextclaude import events
 from nextclaude.events import EventHub
 from nextclaude.pool import Account, AccountPool, Status, model_family
-from nextclaude.quota import QuotaReport
+from nextclaude.quota import REJECTED, QuotaReport
 from nextclaude.usage import Usage
 
 # Routing reasons (DESIGN.md point 11), shown in logs and the console.
@@ -135,7 +136,9 @@ class Router:
         if reset is None:
             retry_after = self.retry_after_cap
         else:
-            retry_after = int(min(max(reset - now, 1), self.retry_after_cap))
+            # Rounded up: a client told to come back before the reset only
+            # draws another 429.
+            retry_after = math.ceil(min(max(reset - now, 1), self.retry_after_cap))
         return Decision(None, EXHAUSTED, retry_after=retry_after, reset=reset)
 
     # -- what responses teach us ----------------------------------------------
@@ -155,6 +158,11 @@ class Router:
         now = self._clock()
         was_serviceable = self.pool.serviceable(account, now, context.family)
         account.observe_quota(report, now)
+        if status != 429 and report.status == REJECTED and not report.rejected_windows():
+            # Only per-window verdicts are kept on the account, so an
+            # aggregate-only "rejected" (overage in use on a 200) must take
+            # the account out here or it would never reach the ceiling.
+            self._exhaust(account, report, now)
         retry = False
         if status == 429:
             retry = self._on_429(account, report, now)
@@ -178,10 +186,7 @@ class Router:
 
     def _on_429(self, account: Account, report: QuotaReport, now: float) -> bool:
         if report.is_rejected() or self.pool.at_ceiling(account, now):
-            reset = report.soonest_reset()
-            if reset is None or reset <= now:
-                reset = now + UNKNOWN_RESET_BACKOFF
-            account.exhausted_until = reset
+            self._exhaust(account, report, now)
             return True
         if account.kind == "apikey":
             wait = report.retry_after if report.retry_after is not None else 2.0
@@ -191,6 +196,12 @@ class Router:
         # A bare 429 on a subscription account is transient: relayed as is
         # (Claude Code shows it); bounded waits come with the scheduler.
         return False
+
+    def _exhaust(self, account: Account, report: QuotaReport, now: float) -> None:
+        reset = report.soonest_reset()
+        if reset is None or reset <= now:
+            reset = now + UNKNOWN_RESET_BACKOFF
+        account.exhausted_until = reset
 
     def _mark_error(self, account: Account, message: str, now: float) -> None:
         account.error = message

@@ -156,8 +156,10 @@ class ProxyService(MultiService):
         if event.kind == events.REQUEST_FINISHED:
             usage = event.data.get("usage") or {}
             self._log.info(
-                "{status} {account} {reason} {duration:.2f}s in={input} out={output} "
+                "{method} {path} {status} {account} {reason} {duration:.2f}s in={input} out={output} "
                 "cache_read={read} cache_write={write}",
+                method=event.data.get("method"),
+                path=event.data.get("path"),
                 status=event.data.get("status"),
                 account=event.data.get("account") or "-",
                 reason=event.data.get("reason"),

@@ -11,9 +11,9 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 # Enough idle connections per host for a busy pool of Claude Code sessions
@@ -29,6 +29,15 @@ def _no_cookies() -> CookieJar:
     cookies into another account's requests.
     """
     return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    # One "Starting factory" log line per upstream connection is noise.
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
 
 
 @implementer(IBodyProducer)
@@ -74,7 +83,7 @@ class UpstreamService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._pool = HTTPConnectionPool(self._reactor, persistent=True)
+        self._pool = _QuietPool(self._reactor, persistent=True)
         self._pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         agent = Agent(self._reactor, pool=self._pool, connectTimeout=CONNECT_TIMEOUT)
         self._client = HTTPClient(agent, cookiejar=_no_cookies())
@@ -107,5 +116,3 @@ class UpstreamService(Service):
             reactor=self._reactor,
         )
 
-
-__all__ = ["UpstreamService", "BytesProducer", "UNKNOWN_LENGTH"]
