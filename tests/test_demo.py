@@ -1,0 +1,122 @@
+"""
+End-to-end test of the demo: the real proxy service against the simulated
+upstream on loopback, driven by the demo's scripted conversations.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from nextclaude.demo import DemoSettings, DemoSummary, run_demo
+
+# Two conversations of six turns burn about 26,000 quota tokens on the
+# simulator: small enough that the first account runs out mid-demo, large
+# enough that the second one serves the rest.
+SETTINGS = DemoSettings(accounts=2, sessions=2, turns=6, five_hour_tokens=15_000, delta_interval=0.0)
+
+
+class DemoTests(TestCase):
+    def setUp(self) -> None:
+        root = Path(self.mktemp())
+        root.mkdir()
+        # Where the user's files would be: the demo must touch none of them.
+        self.home = root / "home"
+        self.xdg_config = root / "xdg-config"
+        for directory in (self.home, self.xdg_config):
+            directory.mkdir()
+        self.user_config = root / "user" / "config.json"
+        environ = dict(
+            os.environ,
+            NEXTCLAUDE_CONFIG=str(self.user_config),
+            HOME=str(self.home),
+            XDG_CONFIG_HOME=str(self.xdg_config),
+        )
+        self.patch(os, "environ", environ)
+        # The demo's own temporary directory goes under the test's, so the
+        # test can see it made one and removed it.
+        self.tmp = root / "tmp"
+        self.tmp.mkdir()
+        self.made: list[str] = []
+        real_mkdtemp = tempfile.mkdtemp
+
+        def mkdtemp(*args: Any, **kw: Any) -> str:
+            kw.setdefault("dir", str(self.tmp))
+            path = real_mkdtemp(*args, **kw)
+            self.made.append(path)
+            return path
+
+        self.patch(tempfile, "mkdtemp", mkdtemp)
+
+    async def play_demo(self) -> tuple[DemoSummary, str]:
+        out = io.StringIO()
+        summary = await run_demo(reactor, SETTINGS, out=out)
+        return summary, out.getvalue()
+
+    async def test_demo_switches_accounts_without_failures(self) -> None:
+        """
+        With a 5 h quota too small for the scripted traffic, the demo's
+        requests all complete without a failure, the proxy switches from the
+        first simulated account to the second at least once, the prompt
+        cache is read, and the printed summary line gives the same figures
+        as the returned DemoSummary.
+        """
+        summary, text = await self.play_demo()
+        self.assertGreater(summary.requests, 0)
+        self.assertEqual(summary.failed, 0)
+        self.assertGreater(summary.ok, 0)
+        self.assertEqual(summary.requests, summary.ok + summary.rejected + summary.failed)
+        self.assertGreaterEqual(len(summary.switches), 1)
+        self.assertEqual(summary.switches[0][:2], ("sim-1", "sim-2"))
+        self.assertGreater(summary.cache_read, 0)
+        self.assertIn("** switched sim-1 -> sim-2", text)
+        line = re.search(r"^Summary: .*$", text, re.MULTILINE)
+        self.assertIsNotNone(line)
+        assert line is not None
+        self.assertTrue(
+            line.group(0).startswith(
+                f"Summary: {summary.requests} requests ({summary.ok} ok, {summary.rejected} rate-limited, "
+                f"0 failed), {len(summary.switches)} switch(es); cache read {summary.cache_read:,} tokens"
+            ),
+            line.group(0),
+        )
+
+    async def test_demo_leaves_no_files_and_ignores_user_config(self) -> None:
+        """
+        The demo works in a temporary directory of its own and removes it
+        when done; it neither reads nor writes the user's config
+        ($NEXTCLAUDE_CONFIG, or the default under $HOME / $XDG_CONFIG_HOME).
+        """
+        await self.play_demo()
+        self.assertEqual(len(self.made), 1)
+        self.assertFalse(os.path.exists(self.made[0]))
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assertFalse(self.user_config.exists())
+        self.assertFalse(self.user_config.parent.exists())
+        self.assertEqual(os.listdir(self.home), [])
+        self.assertEqual(os.listdir(self.xdg_config), [])
+
+    async def test_user_config_is_not_read(self) -> None:
+        """
+        A user config that exists (with a port, key and account of its own)
+        has no effect on the demo and is left byte for byte as it was.
+        """
+        self.user_config.parent.mkdir()
+        original = (
+            b'{"proxy": {"port": 1, "host": "127.0.0.1", "apiKey": "nc-users-own-key"},'
+            b' "upstream": "http://127.0.0.1:1",'
+            b' "accounts": [{"name": "mine", "type": "oauth", "accessToken": "sk-ant-oat01-mine"}]}'
+        )
+        self.user_config.write_bytes(original)
+        summary, text = await self.play_demo()
+        self.assertEqual(summary.failed, 0)
+        self.assertNotIn("mine", text)
+        self.assertEqual(self.user_config.read_bytes(), original)
+        self.assertEqual(sorted(os.listdir(self.user_config.parent)), ["config.json"])

@@ -1,0 +1,302 @@
+"""
+Tests for the twistd plugin: discovery, option validation, and a real
+`twistd -n nextclaude` process serving a request from the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready, ProcessTerminated
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from nextclaude import tap
+from nextclaude.simulate import SimulatedAnthropic, listen_simulator, simulated_accounts, stop_simulator
+from tests.support import PROXY_KEY, auth, client, write_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+MESSAGE = json.dumps(
+    {
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hello through twistd"}],
+    }
+).encode()
+
+
+def write_valid_config(test: Any) -> Path:
+    """
+    A config with two accounts and an upstream nobody listens on (these
+    tests never send a request), by absolute path: twistd runs elsewhere.
+    """
+    return write_config(test, 1).absolute()
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_is_found(self) -> None:
+        """
+        Twisted's plugin system finds exactly one service maker with the
+        tapname "nextclaude", whose options are nextclaude.tap.Options and
+        whose makeService is nextclaude.tap.makeService.
+        """
+        found = [maker for maker in getPlugins(IServiceMaker) if maker.tapname == "nextclaude"]
+        self.assertEqual(len(found), 1)
+        maker = found[0]
+        self.assertIs(maker.options, tap.Options)
+        self.assertIs(maker.makeService, tap.makeService)
+        self.assertTrue(maker.description)
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # Every case names a config file of its own, so a value that is
+        # wrongly accepted can never reach the user's config.
+        self.config_path = write_valid_config(self)
+
+    def parse(self, *args: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(["--config", str(self.config_path), *args])
+        return options
+
+    def test_bad_values_are_usage_errors_naming_the_option(self) -> None:
+        """
+        Each bad value of --port, --host or --upstream is refused with a
+        UsageError whose message names the option and quotes the value.
+        """
+        cases = [
+            (["--port", "abc"], "--port", "abc"),
+            (["--port", "70000"], "--port", "70000"),
+            (["--port", "-1"], "--port", "-1"),
+            (["--port", ""], "--port", "''"),
+            (["--host", ""], "--host", "''"),
+            (["--host", "127.0.0.1 evil"], "--host", "127.0.0.1 evil"),
+            (["--upstream", "ftp://x"], "--upstream", "ftp://x"),
+            (["--upstream", "notaurl"], "--upstream", "notaurl"),
+            (["--upstream", "https://"], "--upstream", "https://"),
+        ]
+        for args, option, shown in cases:
+            with self.subTest(args=args):
+                error = self.assertRaises(usage.UsageError, self.parse, *args)
+                self.assertIn(option, str(error))
+                self.assertIn(shown, str(error))
+
+    def test_good_values_override_the_file(self) -> None:
+        """
+        Valid flags are applied on top of the file: port 0, another
+        interface, and an upstream URL without its trailing slash.
+        """
+        options = self.parse("--port", "0", "--host", "::1", "--upstream", "https://example.test:8443/")
+        config = options.config
+        self.assertEqual((config.proxy.port, config.proxy.host), (0, "::1"))
+        self.assertEqual(config.upstream, "https://example.test:8443")
+        self.assertEqual(config.path, self.config_path.absolute())
+        self.assertEqual([account.name for account in config.accounts], ["alice", "bob"])
+
+    def test_no_accounts_says_how_to_add_one(self) -> None:
+        """
+        A config file without accounts is a UsageError naming the file and
+        saying how to add an account (nextclaude login / import).
+        """
+        self.config_path.write_text(
+            json.dumps({"proxy": {"port": 3456, "host": "127.0.0.1", "apiKey": PROXY_KEY}, "accounts": []})
+        )
+        error = self.assertRaises(usage.UsageError, self.parse)
+        message = str(error)
+        self.assertIn(str(self.config_path), message)
+        self.assertIn("nextclaude login", message)
+        self.assertIn("nextclaude import", message)
+
+    def test_broken_config_is_named_and_left_alone(self) -> None:
+        """
+        A config file that is not valid JSON is a UsageError naming the
+        file, and the file's bytes are exactly as they were.
+        """
+        broken = b'{"proxy": {"port": 3456,\n  "accounts": [ oops'
+        self.config_path.write_bytes(broken)
+        error = self.assertRaises(usage.UsageError, self.parse, "--port", "0")
+        self.assertIn(str(self.config_path), str(error))
+        self.assertEqual(self.config_path.read_bytes(), broken)
+        self.assertFalse((self.config_path.parent / "state.json").exists())
+
+
+class ProcessWatcher(ProcessProtocol):
+    """
+    Collects a child's output.  L{line_matching} fires when its output
+    matches a pattern, or fails if the process ends first; L{ended} fires
+    with the reason the process ended (ProcessDone or ProcessTerminated).
+    """
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: Deferred[Exception] = Deferred()
+        self._watches: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
+
+    @property
+    def output(self) -> str:
+        return (self.out + self.err).decode("utf-8", "replace")
+
+    def line_matching(self, pattern: bytes) -> Deferred[re.Match[bytes]]:
+        waiter: Deferred[re.Match[bytes]] = Deferred()
+        self._watches.append((re.compile(pattern), waiter))
+        self._check()
+        return waiter
+
+    def _check(self) -> None:
+        for watch in list(self._watches):
+            match = watch[0].search(self.out + self.err)
+            if match:
+                self._watches.remove(watch)
+                watch[1].callback(match)
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        self._check()
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+        self._check()
+
+    def processEnded(self, reason: Failure) -> None:
+        watches, self._watches = self._watches, []
+        for pattern, waiter in watches:
+            waiter.errback(
+                AssertionError(f"process ended before {pattern.pattern!r} appeared; output:\n{self.output}")
+            )
+        self.ended.callback(reason.value)
+
+
+def twistd_command() -> list[str]:
+    """
+    The twistd of the running Python: the script beside the interpreter,
+    else the same entry point through -c.
+    """
+    script = Path(sys.executable).parent / "twistd"
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def spawn_twistd(test: TestCase, *plugin_args: str) -> tuple[ProcessWatcher, Any]:
+    """
+    Run `twistd -n nextclaude PLUGIN_ARGS` in a temporary directory, with
+    this checkout first on the path (for nextclaude and its plugin); the
+    test's cleanup kills it if it is still running.
+    """
+    cwd = Path(test.mktemp())
+    cwd.mkdir()
+    watcher = ProcessWatcher()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    args = [*twistd_command(), "-n", "--pidfile=", "--logfile=-", "nextclaude", *plugin_args]
+    process = reactor.spawnProcess(watcher, args[0], args, env=env, path=str(cwd))
+
+    def stop() -> Deferred[Exception] | None:
+        if watcher.ended.called:
+            return None
+        try:
+            process.signalProcess("KILL")
+        except ProcessExitedAlready:
+            # Reaped, but its pipes may not be closed yet.
+            pass
+        return watcher.ended
+
+    test.addCleanup(stop)
+    return watcher, process
+
+
+class TwistdTests(TestCase):
+    async def test_serves_a_request_and_saves_state_on_sigterm(self) -> None:
+        """
+        `twistd -n nextclaude --port 0 --upstream URL` logs the port it
+        bound, relays an authenticated request to the upstream given on the
+        command line on the configured account,
+        shuts down cleanly on SIGTERM, and leaves state.json beside the
+        config with that request counted; its log shows no credential.
+        """
+        sim = SimulatedAnthropic(reactor, simulated_accounts(1))
+        sim_port = listen_simulator(reactor, sim)
+        self.addCleanup(stop_simulator, sim_port)
+        account = sim.accounts[0]
+        # The file names an upstream nobody listens on: only --upstream
+        # leads to the simulator.
+        config_path = write_config(
+            self,
+            1,
+            accounts=[{"name": account.name, "type": "oauth", "accessToken": account.credential}],
+        ).absolute()
+        state_path = config_path.parent / "state.json"
+        self.assertFalse(state_path.exists())
+        watcher, process = spawn_twistd(
+            self,
+            "--config", str(config_path),
+            "--port", "0",
+            "--upstream", f"http://127.0.0.1:{sim_port.getHost().port}",
+        )
+        match = await watcher.line_matching(rb"ProxySite starting on (\d+)")
+        url = f"http://127.0.0.1:{int(match.group(1))}"
+
+        response = await client(self).post(url + "/v1/messages", data=MESSAGE, headers=auth())
+        self.assertEqual(response.code, 200)
+        body = await response.json()
+        self.assertEqual(body["type"], "message")
+        self.assertTrue(body["content"][0]["text"].strip())
+        self.assertEqual(body["usage"]["output_tokens"], sim.deltas * sim.output_tokens_per_delta)
+        self.assertEqual((sim.served, account.requests), (1, 1))
+
+        process.signalProcess("TERM")
+        reason = await watcher.ended
+        # After a clean shutdown twistd re-raises the signal it stopped on,
+        # so the parent sees a death by SIGTERM, as without twistd.
+        self.assertIsInstance(reason, ProcessTerminated, watcher.output)
+        self.assertEqual(reason.signal, signal.SIGTERM, watcher.output)
+        self.assertIn("Server Shut Down.", watcher.output)
+        self.assertNotIn("Traceback", watcher.output)
+
+        state = json.loads(state_path.read_text())
+        self.assertEqual(state["primary"], account.name)
+        self.assertEqual(state["accounts"][account.name]["usage"]["requests"], 1)
+        self.assertNotIn(account.credential, watcher.output)
+        self.assertNotIn(PROXY_KEY, watcher.output)
+
+    async def test_port_in_use_exits_nonzero_naming_the_port(self) -> None:
+        """
+        When the port is already taken, twistd exits non-zero and its output
+        names the interface and port it could not listen on.
+        """
+        taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        watcher, _ = spawn_twistd(self, "--config", str(write_valid_config(self)), "--port", str(port))
+        reason = await watcher.ended
+        self.assertIsInstance(reason, ProcessTerminated, watcher.output)
+        self.assertNotEqual(reason.exitCode, 0, watcher.output)
+        self.assertIn(f"127.0.0.1:{port}", watcher.output)
+        self.assertIn("Address already in use", watcher.output)
+
+    async def test_config_without_accounts_exits_with_advice(self) -> None:
+        """
+        twistd with a config file that has no accounts exits non-zero,
+        printing the message that says how to add one, and binds nothing.
+        """
+        config_path = write_config(self, 1, accounts=[]).absolute()
+        watcher, _ = spawn_twistd(self, "--config", str(config_path), "--port", "0")
+        reason = await watcher.ended
+        self.assertIsInstance(reason, ProcessTerminated, watcher.output)
+        self.assertNotEqual(reason.exitCode, 0, watcher.output)
+        self.assertIn("nextclaude login", watcher.output)
+        self.assertIn(str(config_path), watcher.output)
+        self.assertNotIn("starting on", watcher.output)
