@@ -34,7 +34,7 @@ def _server(args: argparse.Namespace) -> int:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     service = ProxyService(reactor, config)
     try:
-        service.startService()
+        service.privilegedStartService()
     except CannotListenError:
         proxy = config.proxy
         print(
@@ -44,8 +44,8 @@ def _server(args: argparse.Namespace) -> int:
             f"{config.path}.",
             file=sys.stderr,
         )
-        service.stopService()
         return 1
+    service.startService()
     host, bound = service.address()
     print(f"NextClaude {__version__} listening on http://{host}:{bound} with {len(config.accounts)} account(s)", flush=True)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -83,7 +83,7 @@ class StateService(Service):
 class ListenService(Service):
     """
     The web server on the configured interface and port.  Binding happens in
-    startService, so a port already in use surfaces there as
+    privilegedStartService, so a port already in use surfaces there as
     CannotListenError, naming the port.
     """
 
@@ -96,8 +96,17 @@ class ListenService(Service):
         self._host = host
         self.port: IListeningPort | None = None
 
+    def privilegedStartService(self) -> None:
+        # Binding first, before any other service has started, means a port
+        # in use fails the start with nothing to undo (no state saver
+        # running, no state file rewritten by a proxy that never served).
+        if self.port is None:
+            self.port = self._reactor.listenTCP(self._port_number, self._site, interface=self._host)
+        super().privilegedStartService()
+
     def startService(self) -> None:
-        self.port = self._reactor.listenTCP(self._port_number, self._site, interface=self._host)
+        if self.port is None:
+            self.privilegedStartService()
         super().startService()
 
     def stopService(self) -> Deferred[None] | None:
