@@ -557,3 +557,36 @@ class LogHygieneTests(TestCase):
         self.assertIn("bob", text)
         for secret in ("sk-ant-oat01-alice", "sk-ant-oat01-bob", PROXY_KEY):
             self.assertNotIn(secret, text)
+
+
+class EncodingTests(TestCase):
+    async def test_gzip_from_upstream_reaches_client_as_identity(self) -> None:
+        """
+        The proxy asks upstream for gzip itself and decodes it: the client
+        gets an identity body with no content-encoding or stale
+        content-length, whatever accept-encoding it sent.
+        """
+        from twisted.web.resource import EncodingResourceWrapper
+        from twisted.web.server import GzipEncoderFactory
+
+        payload = {"id": "msg_1", "type": "message", "content": [{"type": "text", "text": "z" * 5000}]}
+        upstream = FakeUpstream(lambda seen: json_reply(seen.request, 200, payload))
+        wrapped = EncodingResourceWrapper(upstream, [GzipEncoderFactory()])
+        wrapped.isLeaf = True
+        service, url = start_proxy(self, write_config(self, listen(self, wrapped)))
+        # A bare Agent: treq's client would decode gzip itself and hide a
+        # proxy that forwarded it.
+        from twisted.web.client import Agent, HTTPConnectionPool, readBody
+        from twisted.web.http_headers import Headers
+
+        from nextclaude.upstream import BytesProducer
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        headers = Headers({k: [v] for k, v in auth({"accept-encoding": "br"}).items()})
+        response = await Agent(reactor, pool=pool).request(
+            b"POST", (url + "/v1/messages").encode(), headers, BytesProducer(MESSAGE_BODY)
+        )
+        body = await readBody(response)
+        self.assertIsNone(response.headers.getRawHeaders(b"content-encoding"))
+        self.assertEqual(json.loads(body), payload)
+        self.assertIn(b"gzip", b",".join(upstream.seen[0].headers[b"accept-encoding"]))
