@@ -38,16 +38,8 @@ or add it to the "accounts" list in {path} yourself.
 To try NextClaude without any account, run: nextclaude demo"""
 
 
-class ConfigError(Exception):
+class ConfigError(paths.FileProblem):
     """The config file is missing, unreadable or invalid; says which field and why."""
-
-    def __init__(self, path: Path, problem: str) -> None:
-        super().__init__(path, problem)
-        self.path = path
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
 
 
 # Prefixes that are public knowledge (they only say what kind of key it is),

@@ -27,7 +27,6 @@ from nextclaude.events import Event
 from nextclaude.service import ProxyService
 from nextclaude.simulate import SimulatedAnthropic, listen_simulator, simulated_accounts, stop_simulator
 from nextclaude.store import atomic_write
-from nextclaude.usage import StreamParser
 
 MODEL = "claude-sonnet-4-5-20250929"
 

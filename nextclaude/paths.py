@@ -24,8 +24,11 @@ SOCKET_ENV = "NEXTCLAUDE_SOCKET"
 MAX_SOCKET_PATH_BYTES = 100
 
 
-class UnsafeDirectoryError(Exception):
-    """A directory we would put the control socket in is not private to us."""
+class FileProblem(Exception):
+    """
+    A file or directory that cannot be used, and why: every such error names
+    the path first, so the user knows which file to fix.
+    """
 
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(path, problem)
@@ -34,6 +37,10 @@ class UnsafeDirectoryError(Exception):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem}"
+
+
+class UnsafeDirectoryError(FileProblem):
+    """A directory we would put the control socket in is not private to us."""
 
 
 def _env_path(environ: Mapping[str, str], name: str) -> Path | None:

@@ -19,7 +19,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
@@ -31,7 +30,7 @@ from nextclaude import events
 from nextclaude.config import Config
 from nextclaude.events import EventHub
 from nextclaude.pool import Account
-from nextclaude.quota import QuotaReport, parse_rate_limit_headers
+from nextclaude.quota import parse_rate_limit_headers
 from nextclaude.router import RouteContext, Router
 from nextclaude.upstream import UpstreamService
 from nextclaude.usage import StreamParser, Usage, usage_from_json_body

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nextclaude.paths import ensure_private_dir
+from nextclaude.paths import FileProblem, ensure_private_dir
 
 T = TypeVar("T")
 
@@ -73,16 +73,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         pass
 
 
-class StoreError(Exception):
+class StoreError(FileProblem):
     """A file that exists but cannot be used; it is never overwritten."""
-
-    def __init__(self, path: Path, problem: str) -> None:
-        super().__init__(path, problem)
-        self.path = path
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
 
 
 @dataclass

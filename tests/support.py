@@ -17,6 +17,7 @@ from typing import Any, Callable
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -147,7 +148,8 @@ def listen(test: Any, resource: Resource) -> int:
 
 
 def write_config(test: Any, upstream_port: int, accounts: list[dict[str, Any]] | None = None, **extra: Any) -> Path:
-    directory = Path(test.mktemp())
+    # Absolute, so that child processes started elsewhere find it too.
+    directory = Path(test.mktemp()).absolute()
     directory.mkdir(mode=0o700)
     path = directory / "config.json"
     if accounts is None:
@@ -251,15 +253,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class ProcessWatcher(ProcessProtocol):
     """
-    Collects a child process's output; L{line_matching} fires when a line
-    of its stdout matches, L{ended} with the exit code.
+    Collects a child's output.  L{line_matching} fires when its output
+    matches a pattern, or fails if the process ends first; L{ended} fires
+    with the reason the process ended (ProcessDone or ProcessTerminated).
     """
 
     def __init__(self) -> None:
         self.out = b""
         self.err = b""
-        self.ended: Deferred[int | None] = Deferred()
+        self.ended: Deferred[Exception] = Deferred()
         self._watches: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
+
+    @property
+    def output(self) -> str:
+        return (self.out + self.err).decode("utf-8", "replace")
 
     def line_matching(self, pattern: bytes) -> Deferred[re.Match[bytes]]:
         waiter: Deferred[re.Match[bytes]] = Deferred()
@@ -269,7 +276,7 @@ class ProcessWatcher(ProcessProtocol):
 
     def _check(self) -> None:
         for watch in list(self._watches):
-            match = watch[0].search(self.out)
+            match = watch[0].search(self.out + self.err)
             if match:
                 self._watches.remove(watch)
                 watch[1].callback(match)
@@ -280,27 +287,44 @@ class ProcessWatcher(ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         self.err += data
+        self._check()
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(reason.value.exitCode)
+        watches, self._watches = self._watches, []
+        for pattern, waiter in watches:
+            waiter.errback(
+                AssertionError(f"process ended before {pattern.pattern!r} appeared; output:\n{self.output}")
+            )
+        self.ended.callback(reason.value)
+
+
+def spawn(test: Any, args: list[str]) -> ProcessWatcher:
+    """
+    Run C{args} in a temporary directory with this checkout first on the
+    path; the test's cleanup kills the process if it is still running.
+    """
+    cwd = Path(test.mktemp())
+    cwd.mkdir()
+    watcher = ProcessWatcher()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    process = reactor.spawnProcess(watcher, args[0], args, env=env, path=str(cwd))
+
+    def stop() -> Deferred[Exception] | None:
+        if watcher.ended.called:
+            return None
+        try:
+            process.signalProcess("KILL")
+        except ProcessExitedAlready:
+            # Reaped, but its pipes may not be closed yet.
+            pass
+        return watcher.ended
+
+    test.addCleanup(stop)
+    return watcher
 
 
 def spawn_nextclaude(test: Any, *args: str) -> ProcessWatcher:
     """
-    Run `python -m nextclaude ARGS` from the checkout; the test's cleanup
-    kills it if it is still running.
+    Run `python -m nextclaude ARGS` from the checkout.
     """
-    watcher = ProcessWatcher()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-    process = reactor.spawnProcess(
-        watcher, sys.executable, [sys.executable, "-m", "nextclaude", *args], env=env
-    )
-
-    def stop() -> Deferred[int | None] | None:
-        if not watcher.ended.called:
-            process.signalProcess("KILL")
-            return watcher.ended
-        return None
-
-    test.addCleanup(stop)
-    return watcher
+    return spawn(test, [sys.executable, "-m", "nextclaude", *args])

@@ -94,7 +94,7 @@ class ServerProcessTests(TestCase):
         self.assertEqual([a["name"] for a in status["accounts"]], ["alice", "bob"])
         self.assertEqual(status["listen"]["port"], int(url.rsplit(":", 1)[1]))
         watcher.transport.signalProcess(signal.SIGTERM)
-        self.assertEqual(await watcher.ended, 0)
+        self.assertEqual((await watcher.ended).exitCode, 0)
         state = config.parent / "state.json"
         self.assertEqual(state.stat().st_mode & 0o777, 0o600)
         self.assertIn("alice", json.loads(state.read_text())["accounts"])
@@ -110,7 +110,7 @@ class ServerProcessTests(TestCase):
         port = taken.getHost().port
         config = write_config(self, 9)
         watcher = spawn_nextclaude(self, "--config", str(config), "server", "--port", str(port), "--no-console")
-        self.assertEqual(await watcher.ended, 1)
+        self.assertEqual((await watcher.ended).exitCode, 1)
         err = watcher.err.decode()
         self.assertIn(f"127.0.0.1:{port}", err)
         self.assertIn("proxy.port", err)

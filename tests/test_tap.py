@@ -6,8 +6,6 @@ Tests for the twistd plugin: discovery, option validation, and a real
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -15,17 +13,15 @@ from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessExitedAlready, ProcessTerminated
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.protocol import Factory, Protocol
 from twisted.plugin import getPlugins
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nextclaude import tap
 from nextclaude.simulate import SimulatedAnthropic, listen_simulator, simulated_accounts, stop_simulator
-from tests.support import PROXY_KEY, auth, client, write_config
+from tests.support import PROXY_KEY, ProcessWatcher, auth, client, spawn, write_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,53 +129,6 @@ class OptionsTests(SynchronousTestCase):
         self.assertFalse((self.config_path.parent / "state.json").exists())
 
 
-class ProcessWatcher(ProcessProtocol):
-    """
-    Collects a child's output.  L{line_matching} fires when its output
-    matches a pattern, or fails if the process ends first; L{ended} fires
-    with the reason the process ended (ProcessDone or ProcessTerminated).
-    """
-
-    def __init__(self) -> None:
-        self.out = b""
-        self.err = b""
-        self.ended: Deferred[Exception] = Deferred()
-        self._watches: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
-
-    @property
-    def output(self) -> str:
-        return (self.out + self.err).decode("utf-8", "replace")
-
-    def line_matching(self, pattern: bytes) -> Deferred[re.Match[bytes]]:
-        waiter: Deferred[re.Match[bytes]] = Deferred()
-        self._watches.append((re.compile(pattern), waiter))
-        self._check()
-        return waiter
-
-    def _check(self) -> None:
-        for watch in list(self._watches):
-            match = watch[0].search(self.out + self.err)
-            if match:
-                self._watches.remove(watch)
-                watch[1].callback(match)
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-        self._check()
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-        self._check()
-
-    def processEnded(self, reason: Failure) -> None:
-        watches, self._watches = self._watches, []
-        for pattern, waiter in watches:
-            waiter.errback(
-                AssertionError(f"process ended before {pattern.pattern!r} appeared; output:\n{self.output}")
-            )
-        self.ended.callback(reason.value)
-
-
 def twistd_command() -> list[str]:
     """
     The twistd of the running Python: the script beside the interpreter,
@@ -193,29 +142,11 @@ def twistd_command() -> list[str]:
 
 def spawn_twistd(test: TestCase, *plugin_args: str) -> tuple[ProcessWatcher, Any]:
     """
-    Run `twistd -n nextclaude PLUGIN_ARGS` in a temporary directory, with
-    this checkout first on the path (for nextclaude and its plugin); the
-    test's cleanup kills it if it is still running.
+    Run `twistd -n nextclaude PLUGIN_ARGS` with this checkout first on the
+    path (for nextclaude and its plugin).
     """
-    cwd = Path(test.mktemp())
-    cwd.mkdir()
-    watcher = ProcessWatcher()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-    args = [*twistd_command(), "-n", "--pidfile=", "--logfile=-", "nextclaude", *plugin_args]
-    process = reactor.spawnProcess(watcher, args[0], args, env=env, path=str(cwd))
-
-    def stop() -> Deferred[Exception] | None:
-        if watcher.ended.called:
-            return None
-        try:
-            process.signalProcess("KILL")
-        except ProcessExitedAlready:
-            # Reaped, but its pipes may not be closed yet.
-            pass
-        return watcher.ended
-
-    test.addCleanup(stop)
-    return watcher, process
+    watcher = spawn(test, [*twistd_command(), "-n", "--pidfile=", "--logfile=-", "nextclaude", *plugin_args])
+    return watcher, watcher.transport
 
 
 class TwistdTests(TestCase):
