@@ -54,15 +54,23 @@ def model_family(model: str | None) -> str | None:
     return None
 
 
+# A family value meaning "the account as a whole": per-model windows are
+# left out, so one model's weekly limit does not arm the whole account.
+ACCOUNT_WIDE = ""
+
+
 def window_applies(window: str, family: str | None) -> bool:
     """
     Whether a quota window limits a request for a model of C{family}.
 
     A per-model window counts only for requests naming that family; when the
-    family cannot be told it counts account-wide (the cautious choice).
+    family cannot be told (None) it counts account-wide, the cautious
+    choice.  L{ACCOUNT_WIDE} asks about the account-wide windows only.
     """
     scoped = MODEL_FAMILY_WINDOWS.get(window)
-    return scoped is None or family is None or scoped == family
+    if scoped is None or family is None:
+        return True
+    return scoped == family
 
 
 @dataclass
@@ -131,6 +139,9 @@ class Account:
     error: str | None = None
     usage: UsageTotals = field(default_factory=UsageTotals)
     last_used: float | None = None
+    # Quota tokens (input + cache creation + output) served in each current
+    # window: with the window's utilization it estimates the window's size.
+    window_burn: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -205,8 +216,80 @@ class Account:
         """
         if report.windows:
             merged = dict(self.windows)
-            merged.update(report.windows)
+            for name, window in report.windows.items():
+                known = merged.get(name)
+                if known is not None and known.reset != window.reset and window.reset is not None:
+                    # A new window began: what was burnt in the old one no
+                    # longer says anything about this one's size.
+                    self.window_burn.pop(name, None)
+                merged[name] = window
             self.windows = merged
+
+    def record_burn(self, tokens: int, now: float) -> None:
+        """
+        Count quota tokens served against every live window.
+        """
+        if tokens <= 0:
+            return
+        for name in self.live_windows(now):
+            self.window_burn[name] = self.window_burn.get(name, 0.0) + tokens
+
+    def window_size(self, name: str, now: float) -> float | None:
+        """
+        Estimated tokens a whole window holds (tokens served ÷ utilization
+        they added), once the window is far enough along to say.
+        """
+        window = self.live_windows(now).get(name)
+        burn = self.window_burn.get(name, 0.0)
+        if window is None or window.utilization is None or window.utilization < 0.02 or burn <= 0:
+            return None
+        return burn / window.utilization
+
+    def headroom(self, now: float, ceiling: float) -> float | None:
+        """
+        Estimated tokens left before the tightest account-wide window
+        reaches C{ceiling}, or None while no window's size is known.
+        """
+        left: float | None = None
+        for name, window in self.live_windows(now).items():
+            if name == "overage" or not window_applies(name, ACCOUNT_WIDE):
+                continue
+            size = self.window_size(name, now)
+            if size is None:
+                continue
+            room = max(0.0, ceiling - (window.utilization or 0.0)) * size
+            left = room if left is None else min(left, room)
+        return left
+
+    def expire(self, now: float) -> bool:
+        """
+        Forget windows, exhaustion and throttling whose time has passed.
+        Returns whether anything was forgotten.
+        """
+        changed = False
+        live = self.live_windows(now)
+        if len(live) != len(self.windows):
+            for name in self.windows.keys() - live.keys():
+                self.window_burn.pop(name, None)
+            self.windows = live
+            changed = True
+        if self.exhausted_until is not None and self.exhausted_until <= now:
+            self.exhausted_until = None
+            changed = True
+        if self.throttled_until is not None and self.throttled_until <= now:
+            self.throttled_until = None
+            changed = True
+        return changed
+
+    def next_expiry(self, now: float) -> float | None:
+        """
+        The next moment L{expire} would change something.
+        """
+        times = [w.reset for w in self.windows.values() if w.reset is not None and w.reset > now]
+        for until in (self.exhausted_until, self.throttled_until):
+            if until is not None and until > now:
+                times.append(until)
+        return min(times, default=None)
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -222,6 +305,7 @@ class Account:
             "throttledUntil": self.throttled_until,
             "usage": self.usage.to_json(),
             "lastUsed": self.last_used,
+            "windowBurn": dict(self.window_burn),
         }
 
     def restore_state(self, data: Mapping[str, Any]) -> None:
@@ -245,6 +329,12 @@ class Account:
         usage = data.get("usage")
         if isinstance(usage, dict):
             self.usage = UsageTotals.from_json(usage)
+        burn = data.get("windowBurn")
+        if isinstance(burn, dict):
+            for name, value in burn.items():
+                number = _number_or_none(value)
+                if isinstance(name, str) and number is not None and number >= 0:
+                    self.window_burn[name] = number
 
 
 def _number_or_none(value: object) -> float | None:

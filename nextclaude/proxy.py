@@ -30,9 +30,10 @@ from nextclaude import events
 from nextclaude.config import Config
 from nextclaude.events import EventHub
 from nextclaude.pool import Account
-from nextclaude.quota import parse_rate_limit_headers
-from nextclaude.router import RouteContext, Router
-from nextclaude.upstream import UpstreamService
+from nextclaude.router import Decision, Router
+from nextclaude.scheduler import Scheduler
+from nextclaude.sessions import RequestFacts, inspect_request
+from nextclaude.upstream import UpstreamService, UpstreamUnavailable
 from nextclaude.usage import StreamParser, Usage, usage_from_json_body
 
 STATUS_PATH = b"/nextclaude/status"
@@ -63,10 +64,8 @@ _RESPONSE_DROP = _HOP_BY_HOP | {b"content-encoding"}
 
 OAUTH_BETA = b"oauth-2025-04-20"
 
-# Claude Code puts "model" first in its bodies; looking only at the head
-# keeps the hot path cheap on 1 MB bodies.
-_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
-_MODEL_SCAN_BYTES = 4096
+# Whether the client asked for a stream: decides the probe's header timeout.
+_STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 
 # Non-streaming bodies larger than this are relayed but not parsed for usage.
 _JSON_USAGE_LIMIT = 8 * 1024 * 1024
@@ -163,17 +162,11 @@ class ProxySite(Site):
         pass
 
 
-def request_model(body: bytes) -> str | None:
-    match = _MODEL_RE.search(body, 0, _MODEL_SCAN_BYTES)
-    return match.group(1).decode("utf-8", "replace") if match else None
-
-
-def route_context(request: Request, body: bytes) -> RouteContext:
+def request_facts(request: Request, body: bytes) -> RequestFacts:
     session = request.requestHeaders.getRawHeaders(b"x-claude-code-session-id")
-    return RouteContext(
-        session=session[-1].decode("latin-1") if session else None,
-        model=request_model(body),
-    )
+    # Only a POST to the Messages API belongs to a conversation.
+    path = request.path if request.method == b"POST" else b""
+    return inspect_request(path, session[-1] if session else None, body)
 
 
 def upstream_headers(client: Headers, account: Account) -> Headers:
@@ -211,22 +204,6 @@ def _merge_beta(values: list[bytes]) -> bytes:
     if OAUTH_BETA not in flags:
         flags.append(OAUTH_BETA)
     return b",".join(flags)
-
-
-def rate_limit_headers(headers: Headers) -> dict[str, str]:
-    """
-    The response headers the quota parser reads, as a lowercase dict.
-    """
-    found: dict[str, str] = {}
-    for name, values in headers.getAllRawHeaders():
-        lowered = name.lower()
-        if (
-            lowered.startswith(b"anthropic-ratelimit-")
-            or lowered == b"retry-after"
-            or lowered == b"x-should-retry"
-        ):
-            found[lowered.decode("latin-1")] = values[-1].decode("latin-1")
-    return found
 
 
 def client_key_matches(request: Request, key: str) -> bool:
@@ -332,17 +309,6 @@ class StreamRelay(Protocol):
 _CONNECT_ERRORS = (ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed, ConnectionClosed)
 
 
-class _UpstreamUnavailable(Exception):
-    """
-    No response from upstream: C{code} is what the client gets (502 or 504).
-    """
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class _Discard(Protocol):
     def __init__(self) -> None:
         self.done: Deferred[None] = Deferred()
@@ -365,6 +331,7 @@ class ProxyResource(Resource):
         reactor: IReactorTime,
         config: Config,
         router: Router,
+        scheduler: Scheduler,
         upstream: UpstreamService,
         hub: EventHub,
         status: Callable[[], dict[str, Any]],
@@ -373,6 +340,7 @@ class ProxyResource(Resource):
         self._reactor = reactor
         self._config = config
         self._router = router
+        self._scheduler = scheduler
         self._upstream = upstream
         self._hub = hub
         self._status = status
@@ -418,7 +386,8 @@ class ProxyResource(Resource):
         request_id = self._next_id
         started = self._reactor.seconds()
         body = request.content.getvalue()
-        context = route_context(request, body)
+        facts = request_facts(request, body)
+        exchange = self._router.open(facts)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         self._hub.emit(
@@ -427,60 +396,49 @@ class ProxyResource(Resource):
             id=request_id,
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1", "replace"),
-            session=context.session,
+            session=facts.session_key,
             bytes=len(body),
         )
-        tried: set[str] = set()
-        connect_retried = False
-        while True:
-            decision = self._router.route(context, frozenset(tried))
-            account = decision.account
-            if account is None:
-                self._reject_exhausted(request, decision.retry_after, decision.reset)
-                self._finished_event(request, request_id, started, None, 429, decision.reason, None)
-                return
+
+        async def send(account: Account, decision: Decision, timeout: float | None) -> IResponse:
             self._hub.emit(
                 events.REQUEST_ROUTED,
                 self._reactor.seconds(),
                 id=request_id,
                 account=account.name,
                 reason=decision.reason,
-                session=context.session,
+                session=facts.session_key,
             )
-            try:
-                response = await self._fetch(request, account, body)
-            except _UpstreamUnavailable as failure:
-                if gone:
-                    self._router.on_finished(account, None, False, context)
-                    return
-                if failure.code == 502 and not connect_retried:
-                    # A pooled connection the upstream had already closed
-                    # fails this way: one fresh attempt is always worth it.
-                    connect_retried = True
-                    continue
-                self._router.on_finished(account, None, False, context)
-                self._finish_error(request, failure.code, "api_error", failure.message)
-                self._finished_event(request, request_id, started, account, failure.code, decision.reason, None, ok=False)
-                return
-            report = parse_rate_limit_headers(rate_limit_headers(response.headers), self._reactor.seconds())
-            if self._router.on_response(account, response.code, report, context) and not gone:
-                tried.add(account.name)
-                await self._discard(response)
-                continue
-            if gone:
-                await self._discard(response)
-                self._router.on_finished(account, None, False, context)
-                return
-            usage, ok = await self._stream(request, response)
-            self._router.on_finished(account, usage, ok and response.code < 500, context)
-            self._finished_event(request, request_id, started, account, response.code, decision.reason, usage, ok=ok)
-            return
+            return await self._fetch(request, account, body, timeout)
 
-    async def _fetch(self, request: Request, account: Account, body: bytes) -> IResponse:
+        outcome = await self._scheduler.dispatch(
+            exchange, send, self._discard, lambda: bool(gone), streaming=_STREAM_RE.search(body) is not None
+        )
+        decision, response = outcome.decision, outcome.response
+        account = decision.account
+        if account is None:
+            self._reject_exhausted(request, decision.retry_after, decision.reset)
+            self._finished_event(request, request_id, started, None, 429, decision.reason, None)
+            return
+        if gone or response is None:
+            if response is not None:
+                await self._discard(response)
+            self._router.on_finished(exchange, account, None, False)
+            if outcome.error is not None:
+                self._finish_error(request, outcome.error.code, "api_error", outcome.error.message)
+                self._finished_event(
+                    request, request_id, started, account, outcome.error.code, decision.reason, None, ok=False
+                )
+            return
+        usage, ok = await self._stream(request, response)
+        self._router.on_finished(exchange, account, usage, ok and response.code < 500)
+        self._finished_event(request, request_id, started, account, response.code, decision.reason, usage, ok=ok)
+
+    async def _fetch(self, request: Request, account: Account, body: bytes, timeout: float | None) -> IResponse:
         """
         Send the request upstream on C{account} and wait for the response
-        headers, at most C{proxy.upstreamTimeout}; give up at once if the
-        client goes away.
+        headers, at most C{timeout} (default C{proxy.upstreamTimeout}); give
+        up at once if the client goes away.
         """
         pending = self._upstream.request(
             request.method,
@@ -495,7 +453,9 @@ class ProxyResource(Resource):
             timed_out.append(True)
             pending.cancel()
 
-        timeout = self._reactor.callLater(self._config.proxy.upstream_timeout, give_up)
+        timer = self._reactor.callLater(
+            self._config.proxy.upstream_timeout if timeout is None else timeout, give_up
+        )
         try:
             return await pending
         except (CancelledError, *_CONNECT_ERRORS) as error:
@@ -503,14 +463,14 @@ class ProxyResource(Resource):
             # ResponseNeverReceived, so the flag, not the type, tells a
             # timeout from a connection failure.
             if timed_out:
-                raise _UpstreamUnavailable(
+                raise UpstreamUnavailable(
                     504, "The upstream API did not answer in time (proxy.upstreamTimeout)."
                 )
             self._log.warn("upstream unreachable: {error}", error=error)
-            raise _UpstreamUnavailable(502, "The upstream API could not be reached.")
+            raise UpstreamUnavailable(502, "The upstream API could not be reached.")
         finally:
-            if timeout.active():
-                timeout.cancel()
+            if timer.active():
+                timer.cancel()
 
     async def _discard(self, response: IResponse) -> None:
         sink = _Discard()

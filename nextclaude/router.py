@@ -1,34 +1,52 @@
 """
 The routing policy: which account serves a request, and what a response
-teaches us about the account that served it.
+teaches us about the account that served it (DESIGN.md, "The routing
+policy").
 
-Pure: the clock is injected and nothing here does I/O.  The proxy asks
-L{Router.route} for a decision, reports the upstream's answer through
-L{Router.on_response} (which says whether to retry elsewhere) and the end of
-the exchange through L{Router.on_finished}.
-
-This is the basic policy (one primary, move on at the ceiling or a quota
-429); the full cache-aware policy grows behind the same interface.
+Pure: the clock is injected and nothing here does I/O.  For each client
+request the caller opens an L{Exchange}, asks L{Router.route} for a
+decision, reports each upstream answer to L{Router.on_response} (whose
+L{Verdict} says whether to serve it or try again), reports the end with
+L{Router.on_finished}, and always calls L{Router.close}.  The scheduler does
+the waiting the verdicts ask for.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from nextclaude import events
 from nextclaude.events import EventHub
-from nextclaude.pool import Account, AccountPool, Status, model_family
+from nextclaude.pool import ACCOUNT_WIDE, Account, AccountPool, Status, model_family
 from nextclaude.quota import REJECTED, QuotaReport
+from nextclaude.sessions import Moment, RequestFacts, Session, SessionTable
 from nextclaude.usage import Usage
 
 # Routing reasons (DESIGN.md point 11), shown in logs and the console.
+AFFINITY = "affinity"
 PRIMARY = "primary"
+MANUAL = "manual"
+LANDED_AFTER_COMPACTION = "landed-after-compaction"
+LANDED_EARLY = "landed-early"
+TTL_EXPIRED = "ttl-expired"
 CEILING = "ceiling"
 QUOTA_429 = "quota-429"
 RETRY_401 = "retry-401"
+RETRY_403 = "retry-403"
+RETRY_TRANSIENT = "retry-transient"
+RETRY_CONNECT = "retry-connect"
+FORWARD_ONLY_WAIVED = "forward-only-waived"
+PROBE = "probe"
 EXHAUSTED = "exhausted"
+
+# Policies: the real one, the same without the forecast, and the naive
+# baseline the benchmark compares against.
+FULL = "full"
+ARMING = "arming"
+NAIVE = "naive"
+POLICIES = (FULL, ARMING, NAIVE)
 
 # The longest prompt-cache TTL (subscription mode asks for 1 h): a restart
 # within it may find the saved primary's cache still warm.
@@ -37,19 +55,41 @@ LONGEST_CACHE_TTL = 3600.0
 # When a quota 429 names no reset, assume the account is out for this long.
 UNKNOWN_RESET_BACKOFF = 60.0
 
+# A transient 429 on a subscription account: wait min(retry-after or 2 s,
+# 10 s) and retry the warm account at most twice before moving on.
+TRANSIENT_WAIT = 2.0
+TRANSIENT_WAIT_CAP = 10.0
+TRANSIENT_RETRIES = 2
 
-@dataclass(frozen=True)
-class RouteContext:
+_CHEAP_MOMENTS = {
+    Moment.LANDING: LANDED_AFTER_COMPACTION,
+    Moment.SIZE_DROP: LANDED_AFTER_COMPACTION,
+    Moment.IDLE: TTL_EXPIRED,
+}
+
+
+@dataclass
+class Exchange:
     """
-    What the router needs to know about one request.
+    One client request as the router follows it across its attempts.
     """
 
-    session: str | None = None
-    model: str | None = None
+    facts: RequestFacts
+    session: Session | None = None
+    moment: Moment = Moment.NONE
+    tried: set[str] = field(default_factory=set)
+    # Set by a verdict: the next attempt goes to this account, for this reason.
+    retry_on: str | None = None
+    next_reason: str | None = None
+    transient_retries: int = 0
+    refreshed: bool = False
+    forbidden_by: str | None = None
+    connect_retried: bool = False
+    probe_queue: list[str] | None = None
 
     @property
     def family(self) -> str | None:
-        return model_family(self.model)
+        return model_family(self.facts.model)
 
 
 @dataclass(frozen=True)
@@ -63,6 +103,23 @@ class Decision:
     reason: str
     retry_after: int | None = None
     reset: float | None = None
+    probe: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """
+    What to do with an upstream answer: serve it, or try again (after
+    C{delay} seconds; after refreshing the account's token when C{refresh}).
+    """
+
+    serve: bool
+    delay: float = 0.0
+    refresh: bool = False
+
+
+SERVE = Verdict(serve=True)
+RETRY = Verdict(serve=False)
 
 
 class Router:
@@ -72,59 +129,351 @@ class Router:
         clock: Callable[[], float],
         hub: EventHub,
         retry_after_cap: int = 55,
+        probe_interval: float = 15.0,
+        policy: str = FULL,
+        sessions: SessionTable | None = None,
     ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}")
         self.pool = pool
         self._clock = clock
         self._hub = hub
         self.retry_after_cap = retry_after_cap
+        self.probe_interval = probe_interval
+        self.policy = policy
+        self.sessions = sessions if sessions is not None else SessionTable()
         self.primary: str | None = None
-        # Sessions seen recently, for the status count; affinity comes with
-        # the full policy.
-        self.sessions: dict[str, float] = {}
+        self.manual: str | None = None
+        self.successor: str | None = None
+        self.draining: set[str] = set()
+        # Where forecast landings go before the primary arms; the successor
+        # when it does, so sessions gather on one account, not scattered.
+        self._early_target: str | None = None
+        # Sessions that move to the manual pin on their next request.
+        self._to_manual: set[str] = set()
+        self._sweeping = False
+        self._last_sweep: float | None = None
+        # Set by the accounts layer: OAuth accounts get one forced refresh
+        # after a 401 before they are blamed.
+        self.can_refresh: Callable[[Account], bool] = lambda account: False
 
-    # -- decisions ---------------------------------------------------------
+    # -- the account-level state ------------------------------------------------
 
-    def route(self, context: RouteContext, tried: frozenset[str] = frozenset()) -> Decision:
-        now = self._clock()
-        if context.session is not None:
-            self.sessions[context.session] = now
-        family = context.family
-        primary = self.pool.get(self.primary)
+    def _below_switch(self, account: Account, now: float) -> bool:
+        return account.peak_utilization(now, ACCOUNT_WIDE) < self.pool.thresholds.switch
+
+    def _usable(
+        self, account: Account | None, now: float, family: str | None, tried: set[str] | frozenset[str] = frozenset()
+    ) -> bool:
+        return (
+            account is not None
+            and account.name not in tried
+            and self.pool.serviceable(account, now, family)
+        )
+
+    def _best(self, now: float, family: str | None, exclude: Callable[[Account], bool]) -> Account | None:
+        ranked = self.pool.ranked(now, family, exclude=exclude)
+        return ranked[0] if ranked else None
+
+    def _refresh(self, now: float) -> None:
+        """
+        Bring primary, successor and draining up to date with what we know
+        of the accounts' quota (DESIGN.md points 2, 3, 4 and 8).
+        """
+        pool = self.pool
+        for name in list(self.draining):
+            account = pool.get(name)
+            if account is None or (
+                pool.serviceable(account, now, ACCOUNT_WIDE) and self._below_switch(account, now)
+            ):
+                # Its windows reset: draining stops, its sessions stay.
+                self.draining.discard(name)
+        if not self.draining:
+            self.successor = None
+
+        manual = pool.get(self.manual)
         if (
-            primary is not None
-            and primary.name not in tried
-            and self.pool.serviceable(primary, now, family)
+            manual is not None
+            and pool.serviceable(manual, now, ACCOUNT_WIDE)
+            and self._below_switch(manual, now)
         ):
-            return Decision(primary, PRIMARY)
-
-        ranked = self.pool.ranked(now, family, exclude=lambda a: a.name in tried)
-        if not ranked:
-            return self._all_exhausted(now)
-        chosen = ranked[0]
-        if primary is None:
-            reason = PRIMARY
-        elif primary.name in tried:
-            reason = QUOTA_429
-        else:
-            reason = CEILING
-        self._set_primary(chosen, reason, now)
-        return Decision(chosen, reason)
-
-    def _set_primary(self, account: Account, reason: str, now: float) -> None:
-        previous = self.primary
-        if previous == account.name:
+            if self.primary != manual.name:
+                self.draining.discard(manual.name)
+                self._set_primary(manual)
             return
-        self.primary = account.name
-        if previous is not None:
-            self._hub.emit(
-                events.SWITCHED,
-                now,
-                account=account.name,
-                previous=previous,
-                reason=reason,
+
+        primary = pool.get(self.primary)
+        if primary is None:
+            best = self._best(now, ACCOUNT_WIDE, lambda account: False)
+            if best is not None:
+                self._set_primary(best)
+            return
+        if self.policy == NAIVE:
+            if not pool.serviceable(primary, now, ACCOUNT_WIDE) or not self._below_switch(primary, now):
+                best = self._most_5h_left(now, exclude=primary.name)
+                if best is not None:
+                    self._set_primary(best)
+            return
+        if pool.serviceable(primary, now, ACCOUNT_WIDE) and self._below_switch(primary, now):
+            return
+        successor = self._pick_successor(primary, now)
+        if successor is None:
+            return
+        self.draining.add(primary.name)
+        self.successor = successor.name
+        self._early_target = None
+        self._hub.emit(events.ARMED, now, account=primary.name, successor=successor.name)
+        self._set_primary(successor)
+
+    def _pick_successor(self, leaving: Account, now: float) -> Account | None:
+        """
+        The account that takes over from C{leaving}: the forecast's early
+        target if it is still good, else the best-ranked serviceable account
+        below the switch threshold.
+        """
+        pool = self.pool
+
+        def good(account: Account | None) -> bool:
+            return (
+                account is not None
+                and account.name != leaving.name
+                and account.name not in self.draining
+                and pool.serviceable(account, now, ACCOUNT_WIDE)
+                and self._below_switch(account, now)
             )
 
-    def _all_exhausted(self, now: float) -> Decision:
+        hint = pool.get(self._early_target)
+        if good(hint):
+            return hint
+        for account in pool.ranked(now, ACCOUNT_WIDE):
+            if good(account):
+                return account
+        return None
+
+    def _most_5h_left(self, now: float, exclude: str | None = None) -> Account | None:
+        candidates = [
+            account
+            for account in self.pool
+            if account.name != exclude and self.pool.serviceable(account, now, ACCOUNT_WIDE)
+        ]
+        if not candidates:
+            return None
+        return min(
+            candidates,
+            key=lambda a: (a.priority, not self._below_switch(a, now), a.utilization("5h", now), a.order),
+        )
+
+    def _set_primary(self, account: Account) -> None:
+        # Not an event of its own: arming says it, and "switched" is kept
+        # for sessions actually moving, which is what costs cache.
+        self.primary = account.name
+
+    # -- one request ---------------------------------------------------------------
+
+    def open(self, facts: RequestFacts) -> Exchange:
+        """
+        Start following a client request: its session and the moment it
+        marks are looked up once, however many attempts it takes.
+        """
+        now = self._clock()
+        session, moment = self.sessions.observe(facts, now)
+        if moment is Moment.COMPACTION and session is not None:
+            self._hub.emit(events.COMPACTION, now, session=session.key, account=session.account)
+        return Exchange(facts=facts, session=session, moment=moment)
+
+    def route(self, exchange: Exchange) -> Decision:
+        now = self._clock()
+        self._refresh(now)
+        family = exchange.family
+        if exchange.probe_queue is not None:
+            return self._next_probe(exchange, now)
+        if exchange.retry_on is not None:
+            name, exchange.retry_on = exchange.retry_on, None
+            account = self.pool.get(name)
+            if account is not None:
+                return self._decide(exchange, account, exchange.next_reason or AFFINITY, now)
+        if self.policy == NAIVE:
+            return self._route_naive(exchange, now, family)
+        session = exchange.session
+        if session is None:
+            account = self._for_new_session(exchange, now, family)
+            if account is None:
+                return self._all_exhausted(exchange, now)
+            return self._decide(exchange, account, MANUAL if account.name == self.manual else PRIMARY, now)
+        account, reason = self._choose(exchange, session, now, family)
+        if account is None:
+            return self._all_exhausted(exchange, now)
+        return self._decide(exchange, account, reason, now)
+
+    def _decide(self, exchange: Exchange, account: Account, reason: str, now: float) -> Decision:
+        session = exchange.session
+        if session is not None and session.account != account.name:
+            if session.account is not None:
+                session.left[session.account] = now
+                self._hub.emit(
+                    events.SWITCHED,
+                    now,
+                    account=account.name,
+                    previous=session.account,
+                    reason=reason,
+                    session=session.key,
+                )
+            session.account = account.name
+            session.left.pop(account.name, None)
+        return Decision(account, reason)
+
+    def _for_new_session(self, exchange: Exchange, now: float, family: str | None) -> Account | None:
+        tried = exchange.tried
+        for name in (self.manual, self.primary):
+            account = self.pool.get(name)
+            if self._usable(account, now, family, tried) and (
+                name != self.manual or self._below_switch(account, now)
+            ):
+                return account
+        return self._best(now, family, lambda a: a.name in tried)
+
+    def _excluded(self, session: Session, account: Account, now: float) -> bool:
+        """
+        Forward only: an account the session left stays out of bounds
+        until the session's cache TTL has passed since it left.
+        """
+        left = session.left.get(account.name)
+        return left is not None and now - left < session.ttl
+
+    def _move(self, exchange: Exchange, session: Session, now: float, family: str | None, reason: str) -> tuple[Account | None, str]:
+        """
+        Where a session must go now (its account cannot serve it): the
+        primary, else the best-ranked account it has not just left, else
+        (forward only waived) any account that can serve.
+        """
+        tried = exchange.tried
+        primary = self.pool.get(self.primary)
+        if self._usable(primary, now, family, tried) and not self._excluded(session, primary, now):
+            return primary, reason
+        best = self._best(now, family, lambda a: a.name in tried or self._excluded(session, a, now))
+        if best is not None:
+            return best, reason
+        best = self._best(now, family, lambda a: a.name in tried)
+        return best, FORWARD_ONLY_WAIVED
+
+    def _choose(self, exchange: Exchange, session: Session, now: float, family: str | None) -> tuple[Account | None, str]:
+        pool = self.pool
+        current = pool.get(session.account)
+        if current is None:
+            account = self._for_new_session(exchange, now, family)
+            return account, MANUAL if account is not None and account.name == self.manual else PRIMARY
+        if not self._usable(current, now, family, exchange.tried):
+            return self._move(exchange, session, now, family, exchange.next_reason or CEILING)
+
+        if session.key in self._to_manual:
+            self._to_manual.discard(session.key)
+            manual = pool.get(self.manual)
+            if self._usable(manual, now, family, exchange.tried) and self._below_switch(manual, now):
+                return manual, MANUAL
+
+        cheap = _CHEAP_MOMENTS.get(exchange.moment)
+        if cheap is None:
+            return current, AFFINITY
+        primary = pool.get(self.primary)
+        returning = self.manual is not None and self.primary == self.manual
+        if primary is not None and primary.name != current.name and (
+            current.name in self.draining or returning or exchange.moment is Moment.IDLE
+        ):
+            if self._usable(primary, now, family, exchange.tried) and not self._excluded(session, primary, now):
+                return primary, cheap
+        if (
+            self.policy == FULL
+            and primary is not None
+            and current.name == primary.name
+            and self._forecast_exhausts(current, now)
+        ):
+            target = self._pick_successor(current, now)
+            if target is not None and self._usable(target, now, family, exchange.tried):
+                self._early_target = target.name
+                return target, LANDED_EARLY
+        return current, AFFINITY
+
+    def _forecast_exhausts(self, account: Account, now: float) -> bool:
+        """
+        Whether the account is forecast to reach the hard threshold before
+        the sessions on it reach their next cheap moment: its estimated
+        headroom against the summed per-cycle cost of its live sessions
+        (DESIGN.md point 5).
+        """
+        headroom = account.headroom(now, self.pool.thresholds.hard)
+        if headroom is None:
+            return False
+        need = 0
+        for session in self.sessions.sessions():
+            if session.account == account.name and not session.idle_expired(now):
+                cost = session.expected_cycle_cost()
+                need += cost if cost is not None else session.cycle_tokens
+        return need > headroom
+
+    def _route_naive(self, exchange: Exchange, now: float, family: str | None) -> Decision:
+        primary = self.pool.get(self.primary)
+        if not self._usable(primary, now, family, exchange.tried):
+            primary = self._most_5h_left(now)
+            if primary is not None and primary.name in exchange.tried:
+                primary = self._best(now, family, lambda a: a.name in exchange.tried)
+            if primary is None:
+                return self._all_exhausted(exchange, now)
+            self._set_primary(primary)
+        return self._decide(exchange, primary, PRIMARY, now)
+
+    # -- every account is out ------------------------------------------------------
+
+    def _all_exhausted(self, exchange: Exchange, now: float) -> Decision:
+        """
+        No account can serve: start a probe sweep if none ran within
+        C{probe_interval}, else answer with the synthetic 429.
+        """
+        if not self._sweeping and (
+            self._last_sweep is None or now - self._last_sweep >= self.probe_interval
+        ):
+            candidates = self._probe_candidates(exchange, now)
+            if candidates:
+                self._sweeping = True
+                self._last_sweep = now
+                exchange.probe_queue = candidates
+                return self._next_probe(exchange, now)
+        return self._rejection(now)
+
+    def _probe_candidates(self, exchange: Exchange, now: float) -> list[str]:
+        """
+        Accounts worth one speculative request, soonest reset first: not
+        dead, not out of weekly quota.
+        """
+        candidates = []
+        for account in self.pool:
+            if account.error is not None or account.name in exchange.tried:
+                continue
+            weekly = account.live_windows(now).get("7d")
+            if weekly is not None and (
+                weekly.status == REJECTED
+                or (weekly.utilization or 0.0) >= self.pool.thresholds.hard
+            ):
+                continue
+            candidates.append(account)
+        candidates.sort(key=lambda a: (a.soonest_reset(now) or math.inf, a.order))
+        return [account.name for account in candidates]
+
+    def _next_probe(self, exchange: Exchange, now: float) -> Decision:
+        queue = exchange.probe_queue or []
+        while queue:
+            account = self.pool.get(queue.pop(0))
+            if account is not None and account.name not in exchange.tried:
+                self._hub.emit(events.PROBE, now, account=account.name)
+                return replace(self._decide(exchange, account, PROBE, now), probe=True)
+        self._end_sweep(exchange)
+        return self._rejection(now)
+
+    def _end_sweep(self, exchange: Exchange) -> None:
+        if exchange.probe_queue is not None:
+            exchange.probe_queue = None
+            self._sweeping = False
+
+    def _rejection(self, now: float) -> Decision:
         resets = [
             reset
             for account in self.pool
@@ -141,61 +490,106 @@ class Router:
             retry_after = math.ceil(min(max(reset - now, 1), self.retry_after_cap))
         return Decision(None, EXHAUSTED, retry_after=retry_after, reset=reset)
 
-    # -- what responses teach us ----------------------------------------------
+    # -- what responses teach us ---------------------------------------------------
 
     def on_response(
-        self,
-        account: Account,
-        status: int,
-        report: QuotaReport,
-        context: RouteContext,
-    ) -> bool:
+        self, exchange: Exchange, account: Account, status: int, report: QuotaReport
+    ) -> Verdict:
         """
-        Learn from the upstream's response headers.  Returns True when the
-        request should be retried on another account instead of relaying
-        this response.
+        Learn from the upstream's response headers and say whether to serve
+        this answer or try again (DESIGN.md points 6, 9 and 10).
         """
         now = self._clock()
-        was_serviceable = self.pool.serviceable(account, now, context.family)
+        was_serviceable = self.pool.serviceable(account, now, exchange.family)
         account.observe_quota(report, now)
         if status != 429 and report.status == REJECTED and not report.rejected_windows():
             # Only per-window verdicts are kept on the account, so an
             # aggregate-only "rejected" (overage in use on a 200) must take
             # the account out here or it would never reach the ceiling.
             self._exhaust(account, report, now)
-        retry = False
-        if status == 429:
-            retry = self._on_429(account, report, now)
-        elif status == 401 and account.kind == "apikey":
-            self._mark_error(account, "the API key was rejected (401); replace it in the config file", now)
-            retry = True
-        elif status == 401:
-            # The accounts issue adds the forced refresh here; until then an
-            # OAuth 401 takes the account out instead of failing every request.
-            self._mark_error(
-                account,
-                "the OAuth token was rejected (401); run `nextclaude login` or `nextclaude import` again",
-                now,
-            )
-            retry = True
-        if was_serviceable and self.pool.at_ceiling(account, now, context.family):
-            self._hub.emit(
-                events.EXHAUSTED, now, account=account.name, reset=account.soonest_reset(now)
-            )
-        return retry
+        verdict = self._verdict(exchange, account, status, report, now)
+        if was_serviceable and self.pool.at_ceiling(account, now, exchange.family):
+            self._hub.emit(events.EXHAUSTED, now, account=account.name, reset=account.soonest_reset(now))
+        if verdict.serve:
+            self._served(exchange, account, status, now)
+        self._refresh(now)
+        return verdict
 
-    def _on_429(self, account: Account, report: QuotaReport, now: float) -> bool:
-        if report.is_rejected() or self.pool.at_ceiling(account, now):
+    def _verdict(self, exchange: Exchange, account: Account, status: int, report: QuotaReport, now: float) -> Verdict:
+        if status == 429:
+            return self._on_429(exchange, account, report, now)
+        if exchange.probe_queue is not None:
+            # The sweep found an account that recovered: it serves.
+            self._end_sweep(exchange)
+            account.exhausted_until = None
+            self._hub.emit(events.RECOVERED, now, account=account.name)
+        if status == 401:
+            if account.kind != "apikey" and not exchange.refreshed and self.can_refresh(account):
+                exchange.refreshed = True
+                exchange.retry_on = account.name
+                exchange.next_reason = RETRY_401
+                return Verdict(serve=False, refresh=True)
+            what = "API key" if account.kind == "apikey" else "OAuth token"
+            fix = (
+                "replace it in the config file"
+                if account.kind == "apikey"
+                else "run `nextclaude login` or `nextclaude import` again"
+            )
+            self._mark_error(account, f"the {what} was rejected (401); {fix}", now)
+            return self._elsewhere(exchange, account, RETRY_401, now)
+        if status == 403:
+            if exchange.forbidden_by is None and self._another_can_serve(exchange, account, now):
+                exchange.forbidden_by = account.name
+                return self._elsewhere(exchange, account, RETRY_403, now)
+            # Forbidden on a second account too: the request, not the
+            # accounts, is at fault.
+            return SERVE
+        return SERVE
+
+    def _served(self, exchange: Exchange, account: Account, status: int, now: float) -> None:
+        if exchange.forbidden_by is not None and status < 400:
+            first = self.pool.get(exchange.forbidden_by)
+            if first is not None:
+                self._mark_error(first, "the account was refused (403 permission_error) where another account succeeded", now)
+
+    def _another_can_serve(self, exchange: Exchange, account: Account, now: float) -> bool:
+        return any(
+            other.name != account.name and self._usable(other, now, exchange.family, exchange.tried)
+            for other in self.pool
+        )
+
+    def _elsewhere(self, exchange: Exchange, account: Account, reason: str, now: float) -> Verdict:
+        exchange.tried.add(account.name)
+        exchange.next_reason = reason
+        return RETRY
+
+    def _on_429(self, exchange: Exchange, account: Account, report: QuotaReport, now: float) -> Verdict:
+        if exchange.probe_queue is not None or report.is_rejected() or self.pool.at_ceiling(account, now):
             self._exhaust(account, report, now)
-            return True
-        if account.kind == "apikey":
-            wait = report.retry_after if report.retry_after is not None else 2.0
-            account.throttled_until = now + wait
-            self._hub.emit(events.THROTTLED, now, account=account.name, until=now + wait)
-            return True
-        # A bare 429 on a subscription account is transient: relayed as is
-        # (Claude Code shows it); bounded waits come with the scheduler.
-        return False
+            return self._elsewhere(exchange, account, QUOTA_429, now)
+        wait = report.retry_after if report.retry_after is not None else TRANSIENT_WAIT
+        if account.kind != "apikey" and exchange.transient_retries < TRANSIENT_RETRIES:
+            # A transient limit on the warm account: waiting a little is
+            # cheaper than rebuilding the conversation elsewhere.
+            exchange.transient_retries += 1
+            exchange.retry_on = account.name
+            exchange.next_reason = RETRY_TRANSIENT
+            return Verdict(serve=False, delay=min(wait, TRANSIENT_WAIT_CAP))
+        account.throttled_until = now + max(wait, 1.0)
+        self._hub.emit(events.THROTTLED, now, account=account.name, until=account.throttled_until)
+        return self._elsewhere(exchange, account, RETRY_TRANSIENT, now)
+
+    def on_unreachable(self, exchange: Exchange, account: Account) -> bool:
+        """
+        The connection failed before any byte reached the client: retry
+        once on the same account.
+        """
+        if exchange.connect_retried:
+            return False
+        exchange.connect_retried = True
+        exchange.retry_on = account.name
+        exchange.next_reason = RETRY_CONNECT
+        return True
 
     def _exhaust(self, account: Account, report: QuotaReport, now: float) -> None:
         reset = report.soonest_reset()
@@ -207,41 +601,117 @@ class Router:
         account.error = message
         self._hub.emit(events.ACCOUNT_ERROR, now, account=account.name, message=message)
 
-    def on_finished(
-        self, account: Account, usage: Usage | None, ok: bool, context: RouteContext
-    ) -> None:
+    def on_finished(self, exchange: Exchange, account: Account, usage: Usage | None, ok: bool) -> None:
         now = self._clock()
         account.last_used = now
         account.usage.record(usage, ok)
+        if usage is not None:
+            burn = usage.input_tokens + usage.cache_creation_input_tokens + usage.output_tokens
+            account.record_burn(burn, now)
+            if exchange.session is not None:
+                exchange.session.record_usage(burn)
 
-    # -- views ---------------------------------------------------------------
+    def close(self, exchange: Exchange) -> None:
+        """
+        The request is over, however it ended: release a probe sweep it
+        was running.
+        """
+        self._end_sweep(exchange)
+
+    # -- time passing, pins ---------------------------------------------------------
+
+    def next_expiry(self) -> float | None:
+        now = self._clock()
+        return min(
+            (t for account in self.pool for t in [account.next_expiry(now)] if t is not None),
+            default=None,
+        )
+
+    def expire(self) -> None:
+        """
+        Forget quota windows, exhaustion and throttles whose time has
+        passed, so status shows fresh windows without waiting for traffic.
+        """
+        now = self._clock()
+        for account in self.pool:
+            before = self.pool.status(account, now)
+            if account.expire(now) and before in (Status.EXHAUSTED, Status.THROTTLED):
+                if self.pool.status(account, now) is Status.ACTIVE:
+                    self._hub.emit(events.RECOVERED, now, account=account.name)
+        self._refresh(now)
+
+    def pin(self, name: str | None) -> None:
+        """
+        Make C{name} the manual pin (every session moves there on its next
+        request), or clear the pin with None.
+        """
+        now = self._clock()
+        if name is not None and self.pool.get(name) is None:
+            raise KeyError(name)
+        self.manual = name
+        self._to_manual = (
+            {s.key for s in self.sessions.sessions() if s.account != name} if name is not None else set()
+        )
+        self._hub.emit(events.PIN_CHANGED, now, account=name)
+        self._refresh(now)
+
+    def forget(self, name: str) -> None:
+        """
+        An account was removed: nothing may point at it any more.
+        """
+        if self.manual == name:
+            self.pin(None)
+        for attribute in ("primary", "successor", "_early_target"):
+            if getattr(self, attribute) == name:
+                setattr(self, attribute, None)
+        self.draining.discard(name)
+        self.sessions.forget_account(name)
+
+    # -- views -------------------------------------------------------------------
 
     def status_of(self, account: Account) -> Status:
-        return self.pool.status(account, self._clock())
+        now = self._clock()
+        status = self.pool.status(account, now)
+        if status is not Status.ACTIVE:
+            return status
+        if account.name in self.draining:
+            return Status.DRAINING
+        if account.name == self.primary and not self._below_switch(account, now):
+            return Status.ARMED
+        return Status.ACTIVE
 
     def flags_of(self, account: Account) -> list[str]:
-        return ["primary"] if account.name == self.primary else []
+        flags = []
+        if account.name == self.primary:
+            flags.append("primary")
+        if account.name == self.successor:
+            flags.append("successor")
+        if account.name == self.manual:
+            flags.append("manual")
+        return flags
 
     def tracked_sessions(self) -> int:
-        now = self._clock()
-        for key, seen in list(self.sessions.items()):
-            if now - seen > 2 * LONGEST_CACHE_TTL:
-                del self.sessions[key]
         return len(self.sessions)
 
-    # -- persistence -----------------------------------------------------------
+    # -- persistence -----------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
+        now = self._clock()
         return {
             "primary": self.primary,
-            "savedAt": self._clock(),
+            "manual": self.manual,
+            "successor": self.successor,
+            "draining": sorted(self.draining),
+            "savedAt": now,
             "accounts": {account.name: account.to_state() for account in self.pool},
+            "sessions": self.sessions.to_state(now),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """
-        Take back a previous run's quota and usage, and its primary when the
-        restart came within the cache TTL and that account can still serve.
+        Take back a previous run's quota, usage, pins and armed state; keep
+        its primary when the restart came within the cache TTL and that
+        account can still serve.
         """
         now = self._clock()
         accounts = state.get("accounts")
@@ -250,7 +720,22 @@ class Router:
                 account = self.pool.get(name)
                 if account is not None and isinstance(data, dict):
                     account.restore_state(data)
-        primary = self.pool.get(state.get("primary") if isinstance(state.get("primary"), str) else None)
+
+        def known(value: object) -> Account | None:
+            return self.pool.get(value) if isinstance(value, str) else None
+
+        manual = known(state.get("manual"))
+        self.manual = manual.name if manual is not None else None
+        draining = state.get("draining")
+        if isinstance(draining, list):
+            self.draining = {a.name for a in map(known, draining) if a is not None}
+        successor = known(state.get("successor"))
+        self.successor = successor.name if successor is not None and self.draining else None
+        self.sessions.restore(state.get("sessions"), now)
+        for session in self.sessions.sessions():
+            if session.account is not None and self.pool.get(session.account) is None:
+                session.account = None
+        primary = known(state.get("primary"))
         saved_at = state.get("savedAt")
         if (
             primary is not None
@@ -259,3 +744,4 @@ class Router:
             and self.pool.serviceable(primary, now)
         ):
             self.primary = primary.name
+        self._refresh(now)

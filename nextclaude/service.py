@@ -19,7 +19,8 @@ from nextclaude.config import Config
 from nextclaude.events import Event, EventHub
 from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.proxy import ProxyResource, ProxySite
-from nextclaude.router import Router
+from nextclaude.router import FULL, Router
+from nextclaude.scheduler import Scheduler
 from nextclaude.status import snapshot
 from nextclaude.store import JsonStore
 from nextclaude.upstream import UpstreamService
@@ -119,13 +120,14 @@ class ListenService(Service):
 
 class ProxyService(MultiService):
     """
-    The whole proxy.  Children start in order: upstream client, state, then
-    the listening port, so no request arrives before the state is restored.
+    The whole proxy.  Children start in order: upstream client, state,
+    scheduler (whose timers need the restored quota), then the listening
+    port, so no request arrives before the state is restored.
     """
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, config: Config, hub: EventHub | None = None) -> None:
+    def __init__(self, reactor: Any, config: Config, hub: EventHub | None = None, policy: str = FULL) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
@@ -134,7 +136,14 @@ class ProxyService(MultiService):
             config.accounts,
             Thresholds(switch=config.switch_threshold, hard=config.hard_threshold),
         )
-        self.router = Router(self.pool, reactor.seconds, self.hub, config.retry_after_cap)
+        self.router = Router(
+            self.pool,
+            reactor.seconds,
+            self.hub,
+            retry_after_cap=config.retry_after_cap,
+            probe_interval=config.probe_interval,
+            policy=policy,
+        )
         self.started_at = reactor.seconds()
         self.upstream = UpstreamService(reactor, config.upstream)
         self.upstream.setServiceParent(self)
@@ -143,7 +152,9 @@ class ProxyService(MultiService):
             reactor, JsonStore(state_path, paths.lock_file(config.path)), self.router
         )
         self.state.setServiceParent(self)
-        resource = ProxyResource(reactor, config, self.router, self.upstream, self.hub, self.status)
+        self.scheduler = Scheduler(reactor, self.router)
+        self.scheduler.setServiceParent(self)
+        resource = ProxyResource(reactor, config, self.router, self.scheduler, self.upstream, self.hub, self.status)
         self.site = ProxySite(resource, config.proxy.max_body_bytes, reactor=reactor)
         self.listener = ListenService(reactor, self.site, config.proxy.port, config.proxy.host)
         self.listener.setServiceParent(self)

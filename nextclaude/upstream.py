@@ -16,6 +16,40 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from nextclaude.quota import QuotaReport, parse_rate_limit_headers
+
+class UpstreamUnavailable(Exception):
+    """
+    No response from upstream: C{code} is what the client gets (502 when it
+    could not be reached, 504 when it did not answer in time).
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def rate_limit_headers(headers: Headers) -> dict[str, str]:
+    """
+    The response headers the quota parser reads, as a lowercase dict.
+    """
+    found: dict[str, str] = {}
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if (
+            lowered.startswith(b"anthropic-ratelimit-")
+            or lowered == b"retry-after"
+            or lowered == b"x-should-retry"
+        ):
+            found[lowered.decode("latin-1")] = values[-1].decode("latin-1")
+    return found
+
+
+def quota_report(response: IResponse, now: float) -> QuotaReport:
+    return parse_rate_limit_headers(rate_limit_headers(response.headers), now)
+
+
 # Enough idle connections per host for a busy pool of Claude Code sessions
 # (the default of 2 would make most requests pay a new TLS handshake).
 MAX_PERSISTENT_PER_HOST = 32

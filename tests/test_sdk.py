@@ -301,7 +301,8 @@ class SDKThroughProxyTests(TestCase):
         by_name = {account["name"]: account for account in status["accounts"]}
         self.assertEqual(by_name["sim-1"]["status"], "exhausted")
         self.assertEqual(by_name["sim-1"]["flags"], [])
-        self.assertEqual(by_name["sim-2"]["flags"], ["primary"])
+        # sim-2 took over from sim-1, which sessions are leaving.
+        self.assertEqual(by_name["sim-2"]["flags"], ["primary", "successor"])
         self.assertEqual(by_name["sim-2"]["usage"]["requests"], 1)
 
     async def test_account_at_ceiling_is_not_asked_again(self) -> None:
