@@ -380,6 +380,30 @@ class AccountPool:
             return None
         return self.accounts.get(name)
 
+    def update_accounts(self, configs: Iterable[AccountConfig]) -> tuple[list[str], list[str]]:
+        """
+        Take a new set of account configurations (a reload, a refreshed
+        token): accounts keep what was learned about them, new ones start
+        fresh, missing ones go.  Returns the names (added, removed).
+        """
+        previous = self.accounts
+        updated: dict[str, Account] = {}
+        for order, config in enumerate(configs):
+            account = previous.get(config.name)
+            if account is None:
+                account = Account(config=config, order=order)
+            else:
+                if account.config.credential != config.credential:
+                    # New credentials deserve a new chance.
+                    account.error = None
+                account.config = config
+                account.order = order
+            updated[config.name] = account
+        self.accounts = updated
+        added = [name for name in updated if name not in previous]
+        removed = [name for name in previous if name not in updated]
+        return added, removed
+
     def at_ceiling(self, account: Account, now: float, family: str | None = None) -> bool:
         """
         Whether the account must not take more traffic until a reset: at the
