@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from nextclaude import __version__
+
+if TYPE_CHECKING:
+    from nextclaude.config import AccountConfig, Config
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -53,6 +56,153 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> "Config":
+    from nextclaude import paths
+    from nextclaude.config import load_config
+
+    return load_config(paths.config_file(args.config))
+
+
+def _token_state(account: "AccountConfig", now: float) -> str:
+    from nextclaude.humanize import duration
+
+    if account.type == "apikey":
+        return "API key"
+    if account.expires_at is None:
+        return "token, expiry unknown"
+    left = account.expires_at / 1000 - now
+    if left > 0:
+        return f"valid for {duration(left)}"
+    if account.refresh_token:
+        return f"expired {duration(-left)} ago, refreshed on next use"
+    return f"expired {duration(-left)} ago, no refresh token: log in again"
+
+
+def _accounts(args: argparse.Namespace) -> int:
+    import time
+
+    config = _load(args)
+    if not config.accounts:
+        from nextclaude.config import NO_ACCOUNTS_MESSAGE
+
+        print(NO_ACCOUNTS_MESSAGE.format(path=config.path))
+        return 0
+    now = time.time()
+    rows = [("NAME", "TYPE", "TIER", "PRIORITY", "TOKEN", "SOURCE")]
+    for account in config.accounts:
+        source = f"imported from {account.import_from}" if account.import_from else "config file"
+        rows.append(
+            (
+                account.name,
+                account.type,
+                account.tier or ("API" if account.type == "apikey" else "?"),
+                str(account.priority),
+                _token_state(account, now),
+                source,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        if args.verbose and index > 0:
+            account = config.accounts[index - 1]
+            if account.email:
+                print(f"    email: {account.email}")
+            if account.account_uuid:
+                print(f"    uuid: {account.account_uuid}")
+            if account.scopes:
+                print(f"    scopes: {' '.join(account.scopes)}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from nextclaude import paths
+    from nextclaude.config import remove_account
+
+    config = _load(args)
+    if config.account(args.name) is None:
+        names = ", ".join(a.name for a in config.accounts) or "none"
+        print(f"nextclaude: no account named {args.name!r} in {config.path} (accounts: {names})", file=sys.stderr)
+        return 1
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("nextclaude: not removing without confirmation; pass --yes", file=sys.stderr)
+            return 1
+        answer = input(f"Remove account {args.name!r} from {config.path}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing removed.")
+            return 1
+    if remove_account(paths.config_file(args.config), args.name):
+        print(f"Removed {args.name}. A running proxy drops it within seconds.")
+        return 0
+    print(f"nextclaude: {args.name!r} was already gone", file=sys.stderr)
+    return 1
+
+
+def client_environment(config: "Config", api_key_mode: bool) -> dict[str, str]:
+    """
+    What Claude Code needs to use the proxy.  By default the key travels in
+    a custom header, so Claude Code keeps its subscription mode (1-hour
+    cache, its own login); API-key mode swaps that for ANTHROPIC_API_KEY.
+    """
+    host = config.proxy.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    environment = {"ANTHROPIC_BASE_URL": f"http://{host}:{config.proxy.port}"}
+    if api_key_mode:
+        environment["ANTHROPIC_API_KEY"] = config.proxy.api_key
+    else:
+        environment["ANTHROPIC_CUSTOM_HEADERS"] = f"x-nextclaude-key: {config.proxy.api_key}"
+    return environment
+
+
+API_KEY_MODE_WARNING = (
+    "nextclaude: warning: with ANTHROPIC_API_KEY set, Claude Code leaves subscription mode: "
+    "it stops asking for the 1-hour prompt cache, so idle conversations go cold after 5 "
+    "minutes and cost more quota. Leave out --api-key-mode unless your client needs it."
+)
+
+
+def _env(args: argparse.Namespace) -> int:
+    import shlex
+
+    environment = client_environment(_load(args), args.api_key_mode)
+    if args.api_key_mode:
+        print(API_KEY_MODE_WARNING, file=sys.stderr)
+    for name, value in environment.items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    claude = shutil.which("claude")
+    if claude is None:
+        print(
+            "nextclaude: `claude` is not on PATH. Install Claude Code "
+            "(npm install -g @anthropic-ai/claude-code) or use `nextclaude env` "
+            "to set up another client.",
+            file=sys.stderr,
+        )
+        return 127
+    arguments = list(args.arguments)
+    if arguments[:1] == ["--"]:
+        arguments = arguments[1:]
+    environment = dict(os.environ)
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
+        # Either would switch Claude Code out of subscription mode.
+        environment.pop(name, None)
+    environment.update(client_environment(_load(args), api_key_mode=False))
+    # Replacing this process passes Claude Code's exit status (and signals)
+    # straight through.
+    os.execve(claude, [claude, *arguments], environment)
+    return 0  # not reached
+
+
 def _demo(args: argparse.Namespace) -> int:
     from nextclaude import demo
 
@@ -79,6 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--upstream", metavar="URL", help="upstream API base URL (overrides upstream)")
     server.add_argument("--no-console", action="store_true", help="plain log lines instead of the live console")
     server.set_defaults(handler=_server)
+
+    accounts = commands.add_parser("accounts", help="list the accounts with their tier and token status")
+    accounts.add_argument("-v", "--verbose", action="store_true", help="also show e-mail, account uuid and scopes")
+    accounts.set_defaults(handler=_accounts)
+
+    remove = commands.add_parser("remove", help="remove an account")
+    remove.add_argument("name", metavar="NAME", help="the account's name (see `nextclaude accounts`)")
+    remove.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    remove.set_defaults(handler=_remove)
+
+    env = commands.add_parser("env", help="print the environment a shell needs to use the proxy")
+    env.add_argument(
+        "--api-key-mode",
+        action="store_true",
+        help="present the key as ANTHROPIC_API_KEY (takes Claude Code out of subscription mode)",
+    )
+    env.set_defaults(handler=_env)
+
+    run = commands.add_parser("run", help="launch Claude Code pointed at the proxy")
+    run.add_argument("arguments", nargs=argparse.REMAINDER, metavar="-- ARGS", help="arguments for claude")
+    run.set_defaults(handler=_run)
 
     demo = commands.add_parser(
         "demo", help="run the whole system against a built-in simulated upstream (no account needed)"

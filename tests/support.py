@@ -298,7 +298,7 @@ class ProcessWatcher(ProcessProtocol):
         self.ended.callback(reason.value)
 
 
-def spawn(test: Any, args: list[str]) -> ProcessWatcher:
+def spawn(test: Any, args: list[str], extra_env: dict[str, str] | None = None) -> ProcessWatcher:
     """
     Run C{args} in a temporary directory with this checkout first on the
     path; the test's cleanup kills the process if it is still running.
@@ -306,7 +306,7 @@ def spawn(test: Any, args: list[str]) -> ProcessWatcher:
     cwd = Path(test.mktemp())
     cwd.mkdir()
     watcher = ProcessWatcher()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", **(extra_env or {}))
     process = reactor.spawnProcess(watcher, args[0], args, env=env, path=str(cwd))
 
     def stop() -> Deferred[Exception] | None:
@@ -323,8 +323,8 @@ def spawn(test: Any, args: list[str]) -> ProcessWatcher:
     return watcher
 
 
-def spawn_nextclaude(test: Any, *args: str) -> ProcessWatcher:
+def spawn_nextclaude(test: Any, *args: str, extra_env: dict[str, str] | None = None) -> ProcessWatcher:
     """
     Run `python -m nextclaude ARGS` from the checkout.
     """
-    return spawn(test, [sys.executable, "-m", "nextclaude", *args])
+    return spawn(test, [sys.executable, "-m", "nextclaude", *args], extra_env)

@@ -116,3 +116,143 @@ class ServerProcessTests(TestCase):
         self.assertIn("proxy.port", err)
         self.assertNotIn("Traceback", err)
         self.assertEqual(err.strip().count("\n"), 0)
+
+
+def _accounts_config(test: SynchronousTestCase | TestCase) -> Path:
+    return write_config(
+        test,
+        9,
+        accounts=[
+            {
+                "name": "alice@example.com",
+                "type": "oauth",
+                "accessToken": "sk-ant-oat01-secret-alice",
+                "refreshToken": "sk-ant-ort01-secret-alice",
+                "expiresAt": 4102444800000,
+                "tier": "Max",
+                "accountUuid": "0000-uuid-alice",
+                "scopes": ["user:inference", "user:profile"],
+                "importFrom": "/home/alice/.claude/.credentials.json",
+            },
+            {"name": "backup", "type": "apikey", "apiKey": "sk-ant-api03-secret-backup"},
+        ],
+    )
+
+
+class AccountCommandTests(SynchronousTestCase):
+    def run_main(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        return main(list(argv)), out.getvalue(), err.getvalue()
+
+    def test_accounts_lists_without_secrets(self) -> None:
+        """
+        `accounts` shows name, type, tier, priority, token validity and
+        source; `-v` adds uuid and scopes; no token ever appears.
+        """
+        config = _accounts_config(self)
+        code, out, _ = self.run_main("--config", str(config), "accounts", "-v")
+        self.assertEqual(code, 0)
+        self.assertIn("alice@example.com", out)
+        self.assertIn("Max", out)
+        self.assertIn("valid for", out)
+        self.assertIn("imported from /home/alice/.claude/.credentials.json", out)
+        self.assertIn("API key", out)
+        self.assertIn("0000-uuid-alice", out)
+        self.assertIn("user:inference user:profile", out)
+        self.assertNotIn("secret", out)
+        self.assertNotIn("0000-uuid-alice", self.run_main("--config", str(config), "accounts")[1])
+
+    def test_remove_with_yes(self) -> None:
+        """
+        `remove NAME --yes` removes exactly that account from the file.
+        """
+        config = _accounts_config(self)
+        code, out, _ = self.run_main("--config", str(config), "remove", "backup", "--yes")
+        self.assertEqual(code, 0)
+        self.assertEqual([a["name"] for a in json.loads(config.read_text())["accounts"]], ["alice@example.com"])
+
+    def test_remove_unknown_or_unconfirmed(self) -> None:
+        """
+        Removing an unknown name fails naming the accounts there are; off a
+        terminal without --yes nothing is removed.
+        """
+        config = _accounts_config(self)
+        before = config.read_bytes()
+        code, _, err = self.run_main("--config", str(config), "remove", "carol")
+        self.assertEqual(code, 1)
+        self.assertIn("alice@example.com, backup", err)
+        self.patch(sys, "stdin", io.StringIO(""))
+        code, _, err = self.run_main("--config", str(config), "remove", "backup")
+        self.assertEqual(code, 1)
+        self.assertIn("--yes", err)
+        self.assertEqual(config.read_bytes(), before)
+
+    def test_env_keeps_subscription_mode(self) -> None:
+        """
+        `env` prints the base URL and the proxy key as a custom header, so
+        Claude Code keeps its subscription mode; `--api-key-mode` prints
+        ANTHROPIC_API_KEY instead, with a warning of what it costs.
+        """
+        config = _accounts_config(self)
+        code, out, err = self.run_main("--config", str(config), "env")
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            out.splitlines(),
+            [
+                "export ANTHROPIC_BASE_URL=http://127.0.0.1:3456",
+                f"export ANTHROPIC_CUSTOM_HEADERS='x-nextclaude-key: {PROXY_KEY}'",
+            ],
+        )
+        self.assertEqual(err, "")
+        code, out, err = self.run_main("--config", str(config), "env", "--api-key-mode")
+        self.assertIn(f"export ANTHROPIC_API_KEY={PROXY_KEY}", out)
+        self.assertNotIn("CUSTOM_HEADERS", out)
+        self.assertIn("subscription mode", err)
+
+
+class RunCommandTests(TestCase):
+    async def test_run_passes_environment_and_exit_status(self) -> None:
+        """
+        `run -- ARGS` starts `claude` from PATH with the proxy's environment
+        (and without ANTHROPIC_API_KEY), passes ARGS, and exits with its
+        status.
+        """
+        config = _accounts_config(self)
+        bin_dir = Path(self.mktemp()).absolute()
+        bin_dir.mkdir()
+        record = bin_dir / "record.txt"
+        fake = bin_dir / "claude"
+        fake.write_text(
+            "#!/bin/sh\n"
+            f'printf "%s\\n" "$*" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_CUSTOM_HEADERS" "${{ANTHROPIC_API_KEY-unset}}" > {record}\n'
+            "exit 3\n"
+        )
+        fake.chmod(0o755)
+        watcher = spawn_nextclaude(
+            self,
+            "--config",
+            str(config),
+            "run",
+            "--",
+            "-p",
+            "hello",
+            extra_env={"PATH": f"{bin_dir}:/usr/bin:/bin", "ANTHROPIC_API_KEY": "sk-should-be-dropped"},
+        )
+        self.assertEqual((await watcher.ended).exitCode, 3)
+        self.assertEqual(
+            record.read_text().splitlines(),
+            ["-p hello", "http://127.0.0.1:3456", f"x-nextclaude-key: {PROXY_KEY}", "unset"],
+        )
+
+    async def test_run_without_claude_says_so(self) -> None:
+        """
+        Without `claude` on PATH, `run` says how to install it and exits 127.
+        """
+        config = _accounts_config(self)
+        empty = Path(self.mktemp()).absolute()
+        empty.mkdir()
+        watcher = spawn_nextclaude(self, "--config", str(config), "run", extra_env={"PATH": str(empty)})
+        self.assertEqual((await watcher.ended).exitCode, 127)
+        self.assertIn(b"not on PATH", watcher.err)
