@@ -10,32 +10,43 @@ simple and deterministic:
   A segment's size is ``len(canonical JSON) // 4``. ``count_tokens`` and the
   three input fields of ``usage`` always add up to the same total.
 * **Prompt cache, per account.** Each segment boundary has a chained prefix
-  hash. Every boundary but the last message's is cacheable (as if each
-  request put its breakpoint on the message before the newest, which is what
-  a growing conversation needs): the longest boundary already cached on *this*
-  account and not expired is ``cache_read_input_tokens``; the rest up to the
-  last cacheable boundary is ``cache_creation_input_tokens``, written with the
-  TTL the request asks for (``"ttl": "1h"`` anywhere → 1 h, else the default
-  5 min); the newest message is ``input_tokens``. Hits refresh the TTL. The
-  real API only caches at explicit ``cache_control`` breakpoints and above a
-  minimum length; Claude Code always sets breakpoints, so the simulator skips
-  those rules.
+  hash. By default every boundary but the last message's is cacheable (as if
+  each request put its breakpoint on the message before the newest): the
+  longest boundary already cached on *this* account and not expired is
+  ``cache_read_input_tokens``; the rest up to the last cacheable boundary is
+  ``cache_creation_input_tokens``, written with the TTL the request asks for
+  (``"ttl": "1h"`` anywhere → 1 h, else the default 5 min); the newest
+  message is ``input_tokens``. With ``honour_breakpoints=True`` the prompt is
+  cacheable up to its last ``cache_control`` breakpoint instead, as upstream:
+  Claude Code marks its newest message, so its whole prompt is cache_read or
+  cache_creation and ``input_tokens`` is 0, and a request without any
+  breakpoint caches nothing. Hits refresh the TTL. The real API also needs a
+  minimum length and looks back at most 20 blocks from a breakpoint; the
+  simulator skips those rules.
 * **Quota.** A request burns ``input + cache_creation + output +
-  cache_read_weight × cache_read`` "quota tokens" (``cache_read_weight``
-  defaults to 0.1: PROTOCOL.md warns not to assume reads are free). The whole
+  cache_read_weight × cache_read`` "quota tokens": uncached tokens and output
+  (``cache_read_weight`` defaults to 0.1: PROTOCOL.md warns not to assume
+  reads are free; 0.0 models free reads). The whole
   burn is charged when the request is admitted, planned output included, so
   the rate-limit headers of a response already include that response. A 5 h
   and a 7 d window each start at the first admitted request after they were
   empty or expired, and reset 5 h / 7 d later. A request finding either
   window at or over capacity gets a 429 and burns nothing.
-* **Time** comes only from the injected reactor, so tests drive everything
-  with ``task.Clock``.
+* **Time** comes only from the injected reactor (or the ``now`` given to
+  :meth:`SimulatedAnthropic.answer`), so tests drive everything with
+  ``task.Clock``.
+
+:meth:`SimulatedAnthropic.answer` computes an answer (a :class:`SimAnswer`)
+from credential headers and a body without any HTTP objects; the HTTP path
+goes through the same code and only adds the wire shape and the pacing, so a
+replay on a virtual clock and an end-to-end run see the same simulator.
 
 Per-request override headers let a test or benchmark shape one response:
 ``x-sim-deltas``, ``x-sim-delta-interval-ms``, ``x-sim-output-tokens``,
 ``x-sim-status`` (answer that error status instead), ``x-sim-retry-after``
 (with ``x-sim-status``) and ``x-sim-stream-error`` (send ``event: error`` of
 that type half-way through the stream, then end it without ``message_stop``).
+``answer`` honours the same headers, or an :class:`Overrides` passed to it.
 """
 
 from __future__ import annotations
@@ -45,8 +56,8 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -102,6 +113,7 @@ class _ApiError(Exception):
         self.message = message
         self.headers = headers or {}
         self.kind = kind or _ERROR_TYPES.get(status, "api_error")
+        self.account: str | None = None  # the authenticated account, once known
 
 
 # --------------------------------------------------------------------------
@@ -160,6 +172,15 @@ class SimAccount:
     # prefix hash -> expiry (reactor seconds)
     cache: dict[bytes, float] = field(default_factory=dict, repr=False, compare=False)
     _cache_prune_at: int = field(default=4096, init=False, repr=False, compare=False)
+
+    def credential_headers(self) -> dict[str, str]:
+        """The credential header this account is sent with (lowercase name).
+
+        An OAuth account also needs ``oauth-2025-04-20`` in ``anthropic-beta``.
+        """
+        if self.kind == "oauth":
+            return {"authorization": f"Bearer {self.credential}"}
+        return {"x-api-key": self.credential}
 
     def roll_windows(self, now: float) -> None:
         """Empty any window whose period has ended."""
@@ -314,11 +335,15 @@ class PromptShape:
     """Where a prompt can be cached, and how big it is up to each point.
 
     Index 0 is the boundary after system+tools, index i after message i.
+    ``last_breakpoint`` is the last boundary at or before an explicit
+    ``cache_control`` (0 when only system or tools carry one), None when the
+    request sets no breakpoint at all.
     """
 
     prefix_hashes: tuple[bytes, ...]
     prefix_tokens: tuple[int, ...]  # cumulative estimate at each boundary
     ttl: float
+    last_breakpoint: int | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -360,6 +385,18 @@ def _stable_system(system: Any) -> Any:
     ]
 
 
+def segment_chars(segment: Any) -> int:
+    """Characters of one prompt segment (a message, or the ``{"system": …,
+    "tools": …}`` head) as the simulator measures it: its canonical JSON with
+    ``cache_control`` markers left out."""
+    return len(_canonical(_without_cache_control(segment)))
+
+
+def segment_tokens(segment: Any) -> int:
+    """The simulator's token estimate of one prompt segment: ``segment_chars // 4``."""
+    return segment_chars(segment) // 4
+
+
 def analyse_prompt(body: dict[str, Any], default_ttl: float = TTL_5M) -> PromptShape:
     """Segment a Messages request body into cacheable prefixes.
 
@@ -374,23 +411,45 @@ def analyse_prompt(body: dict[str, Any], default_ttl: float = TTL_5M) -> PromptS
     digest = hashlib.sha256(f"{body.get('model', '')}\0{head_text}".encode()).digest()
     tokens = len(head_text) // 4
     hashes, totals = [digest], [tokens]
-    for message in body.get("messages", []):
+    last_breakpoint = 0 if _has_cache_control(body.get("system")) or _has_cache_control(body.get("tools")) else None
+    for i, message in enumerate(body.get("messages", []), start=1):
         text = _canonical(_without_cache_control(message))
         digest = hashlib.sha256(digest + text.encode()).digest()
         tokens += len(text) // 4
         hashes.append(digest)
         totals.append(tokens)
+        if _has_cache_control(message):
+            last_breakpoint = i
     ttl = TTL_1H if _asks_for_1h(body) else default_ttl
-    return PromptShape(tuple(hashes), tuple(totals), ttl)
+    return PromptShape(tuple(hashes), tuple(totals), ttl, last_breakpoint)
 
 
-def consult_cache(account: SimAccount, shape: PromptShape, now: float) -> tuple[int, int]:
+def _has_cache_control(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "cache_control" in value or any(_has_cache_control(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_cache_control(v) for v in value)
+    return False
+
+
+def consult_cache(account: SimAccount, shape: PromptShape, now: float,
+                  honour_breakpoints: bool = False) -> tuple[int, int]:
     """Look the prompt up in the account's cache and write it back.
 
-    Returns ``(cache_read, cache_creation)`` tokens. Every boundary but the
-    newest message's is cacheable.
+    Returns ``(cache_read, cache_creation)`` tokens. By default every boundary
+    but the newest message's is cacheable. With ``honour_breakpoints``, as
+    upstream, the prompt is cacheable up to its last ``cache_control``
+    breakpoint (Claude Code's is on the newest message, so its whole prompt
+    is) and a request without breakpoints reads and writes nothing. Either
+    way the lookup takes the longest cached boundary, with no 20-block
+    look-back limit.
     """
-    cacheable = max(1, len(shape.prefix_hashes) - 1)
+    if honour_breakpoints:
+        if shape.last_breakpoint is None:
+            return 0, 0
+        cacheable = shape.last_breakpoint + 1
+    else:
+        cacheable = max(1, len(shape.prefix_hashes) - 1)
     read = 0
     for i in range(cacheable - 1, -1, -1):
         expiry = account.cache.get(shape.prefix_hashes[i])
@@ -459,18 +518,29 @@ class SimUsage:
 
 @dataclass(frozen=True)
 class Overrides:
-    """Per-request shaping from the ``x-sim-*`` headers."""
+    """Per-request shaping, from the ``x-sim-*`` headers or built directly.
 
-    deltas: int
-    delta_interval: float
+    ``None`` means "the simulator's default" (see :meth:`resolved`).
+    """
+
+    deltas: int | None = None
+    delta_interval: float | None = None
     output_tokens: int | None = None
     status: int | None = None
     retry_after: int | None = None
     stream_error: str | None = None
 
+    def resolved(self, deltas: int, delta_interval: float) -> Overrides:
+        """These overrides with the pacing defaults filled in."""
+        return replace(
+            self,
+            deltas=deltas if self.deltas is None else self.deltas,
+            delta_interval=delta_interval if self.delta_interval is None else self.delta_interval,
+        )
 
-def _int_header(request: Request, name: str, minimum: int, maximum: int) -> int | None:
-    raw = request.getHeader(name.encode())
+
+def _int_header(headers: Mapping[str, str], name: str, minimum: int, maximum: int) -> int | None:
+    raw = headers.get(name)
     if raw is None:
         return None
     try:
@@ -483,18 +553,34 @@ def _int_header(request: Request, name: str, minimum: int, maximum: int) -> int 
     return value
 
 
-def parse_overrides(request: Request, deltas: int, delta_interval: float) -> Overrides:
-    header_deltas = _int_header(request, "x-sim-deltas", 0, 100_000)
-    interval_ms = _int_header(request, "x-sim-delta-interval-ms", 0, 600_000)
-    stream_error = request.getHeader(b"x-sim-stream-error")
+def overrides_from_headers(headers: Mapping[str, str]) -> Overrides:
+    """The ``x-sim-*`` overrides among request headers (lowercase names).
+
+    Raises the simulator's 400 (an ``_ApiError``) on a malformed value.
+    """
+    interval_ms = _int_header(headers, "x-sim-delta-interval-ms", 0, 600_000)
     return Overrides(
-        deltas=deltas if header_deltas is None else header_deltas,
-        delta_interval=delta_interval if interval_ms is None else interval_ms / 1000.0,
-        output_tokens=_int_header(request, "x-sim-output-tokens", 1, 10_000_000),
-        status=_int_header(request, "x-sim-status", 400, 599),
-        retry_after=_int_header(request, "x-sim-retry-after", 0, 86_400),
-        stream_error=stream_error.decode("ascii", "replace") if stream_error else None,
+        deltas=_int_header(headers, "x-sim-deltas", 0, 100_000),
+        delta_interval=None if interval_ms is None else interval_ms / 1000.0,
+        output_tokens=_int_header(headers, "x-sim-output-tokens", 1, 10_000_000),
+        status=_int_header(headers, "x-sim-status", 400, 599),
+        retry_after=_int_header(headers, "x-sim-retry-after", 0, 86_400),
+        stream_error=headers.get("x-sim-stream-error") or None,
     )
+
+
+def request_headers(request: Request) -> dict[str, str]:
+    """A request's headers as lowercase names to (last) values, as ``answer`` takes them."""
+    return {
+        name.decode("latin-1").lower(): values[-1].decode("latin-1")
+        for name, values in request.requestHeaders.getAllRawHeaders()
+        if values
+    }
+
+
+def parse_overrides(request: Request, deltas: int, delta_interval: float) -> Overrides:
+    """The ``x-sim-*`` overrides of an HTTP request, pacing defaults filled in."""
+    return overrides_from_headers(request_headers(request)).resolved(deltas, delta_interval)
 
 
 @dataclass(frozen=True)
@@ -540,16 +626,17 @@ def stream_events(reply: Reply, overrides: Overrides) -> list[tuple[float, bytes
                                           "content_block": {"type": "text", "text": ""}})),
         (0.0, sse("ping", {"type": "ping"})),
     ]
+    interval = overrides.delta_interval or 0.0
     error_at = len(reply.chunks) // 2 if overrides.stream_error else None
     for i, chunk in enumerate(reply.chunks):
         if i == error_at:
             break
-        steps.append((overrides.delta_interval, sse("content_block_delta", {
+        steps.append((interval, sse("content_block_delta", {
             "type": "content_block_delta", "index": 0,
             "delta": {"type": "text_delta", "text": chunk}})))
     if overrides.stream_error:
         # A mid-stream failure: the real API ends the stream after the error.
-        steps.append((overrides.delta_interval, sse("error", {"type": "error", "error": {
+        steps.append((interval, sse("error", {"type": "error", "error": {
             "type": overrides.stream_error, "message": "Simulated mid-stream error"}})))
         return steps
     steps += [
@@ -607,34 +694,110 @@ class _PacedWriter:
 # The resource
 
 
+@dataclass(frozen=True)
+class SimAnswer:
+    """The simulator's answer to one request, without any HTTP objects.
+
+    ``headers`` has lowercase names: ``request-id``, the rate-limit headers of
+    the account (on 200s and quota 429s), ``retry-after`` and
+    ``x-should-retry`` where they apply. ``message`` is the JSON body of a 200
+    (the non-streaming message of a Messages request; ``{"input_tokens": n}``
+    for ``count_tokens``; the model list for ``/v1/models``); ``usage`` is the
+    full usage object of a served message. ``error`` is ``(type, message)``
+    for anything else. ``chunks`` is the text as the stream's deltas, and
+    ``account`` the name of the account the credentials named, if any.
+    """
+
+    status: int
+    headers: dict[str, str]
+    usage: dict[str, Any] | None = None
+    message: dict[str, Any] | None = None
+    error: tuple[str, str] | None = None
+    chunks: tuple[str, ...] = ()
+    account: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @property
+    def text(self) -> str:
+        """The reply text of a served message ("" otherwise)."""
+        return "".join(self.chunks)
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get("request-id", "")
+
+    @property
+    def retry_after(self) -> float | None:
+        """``retry-after`` in seconds, if the answer carries one."""
+        raw = self.headers.get("retry-after")
+        try:
+            return float(raw) if raw is not None else None
+        except ValueError:
+            return None
+
+    def json_body(self) -> dict[str, Any]:
+        """The JSON the HTTP path sends (for a stream: the message it adds up to)."""
+        if self.error is not None:
+            kind, message = self.error
+            return {"type": "error", "error": {"type": kind, "message": message},
+                    "request_id": self.request_id}
+        return self.message or {}
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """An answer plus what only the HTTP rendering needs."""
+
+    answer: SimAnswer
+    reply: Reply | None = None  # a served message
+    stream: bool = False
+    overrides: Overrides | None = None
+
+
+_Handler = Callable[[Mapping[str, str], "bytes | dict[str, Any]", float, "Overrides | None", str], _Outcome]
+
+
 class SimulatedAnthropic(Resource):
-    """The simulated upstream: ``/v1/messages``, ``count_tokens``, ``/v1/models``."""
+    """The simulated upstream: ``/v1/messages``, ``count_tokens``, ``/v1/models``.
+
+    :meth:`answer` computes an answer without HTTP; ``render`` (the HTTP path)
+    goes through the same code and only adds the wire shape and the pacing.
+    """
 
     isLeaf = True
 
     def __init__(self, reactor: IReactorTime, accounts: Iterable[SimAccount], *,
                  delta_interval: float = 0.0, deltas: int = 8,
                  cache_ttl_default: float = TTL_5M, cache_read_weight: float = 0.1,
-                 output_tokens_per_delta: int = 5) -> None:
+                 output_tokens_per_delta: int = 5, default_output_tokens: int | None = None,
+                 honour_breakpoints: bool = False) -> None:
         super().__init__()
         self.reactor = reactor
         self.delta_interval = delta_interval
         self.deltas = deltas
         self.cache_ttl_default = cache_ttl_default
+        # Quota cost of a cache-read token; 0.0 models "cache reads are free".
         self.cache_read_weight = cache_read_weight
         self.output_tokens_per_delta = output_tokens_per_delta
+        # Output of a message without x-sim-output-tokens; None: deltas × per delta.
+        self.default_output_tokens = default_output_tokens
+        # See consult_cache: True caches up to the request's last breakpoint, as upstream.
+        self.honour_breakpoints = honour_breakpoints
         self._by_name: dict[str, SimAccount] = {}
         self._by_credential: dict[str, SimAccount] = {}
         for account in accounts:
             self.add_account(account)
         self._serial = 0
-        self._routes: dict[tuple[bytes, bytes], Callable[[Request], bytes | int]] = {
+        self._routes: dict[tuple[bytes, bytes], _Handler] = {
             (b"POST", b"/v1/messages"): self._messages,
             (b"POST", b"/v1/messages/count_tokens"): self._count_tokens,
             (b"GET", b"/v1/models"): self._models,
         }
         # Counters for tests, the demo and benchmarks.
-        self.requests = 0  # every HTTP request
+        self.requests = 0  # every request, HTTP or answer()
         self.served = 0  # successful /v1/messages answers
         self.rejected = 0  # quota 429s
         self.injected = 0  # x-sim-status answers
@@ -662,91 +825,97 @@ class SimulatedAnthropic(Resource):
     def accounts(self) -> list[SimAccount]:
         return list(self._by_name.values())
 
-    # -- dispatch
+    # -- the pure answer
 
-    def render(self, request: Request) -> bytes | int:
+    def answer(self, credential_headers: Mapping[str, str], body: bytes | dict[str, Any],
+               now: float | None = None, overrides: Overrides | None = None, *,
+               path: bytes | str = b"/v1/messages") -> SimAnswer:
+        """Answer one POST as the HTTP path would, without HTTP.
+
+        ``credential_headers`` maps lowercase header names to values: the
+        credential (``authorization`` or ``x-api-key``) and ``anthropic-beta``
+        at least; any ``x-sim-*`` headers among them apply unless
+        ``overrides`` is given, which then replaces them. ``now`` defaults to
+        the reactor's clock. Admits, burns quota, consults and updates the
+        cache and counts exactly as an HTTP request would. ``path`` may carry
+        a query string; ``/v1/messages/count_tokens`` counts tokens.
+        """
+        route = path.encode("latin-1") if isinstance(path, str) else path
+        return self._handle(b"POST", route, credential_headers, body, now, overrides).answer
+
+    def _handle(self, method: bytes, path: bytes, headers: Mapping[str, str],
+                body: bytes | dict[str, Any], now: float | None,
+                overrides: Overrides | None) -> _Outcome:
         self.requests += 1
         self._serial += 1
-        request.setHeader(b"request-id", self._id("req_sim"))
-        handler = self._routes.get((request.method, request.path))
+        request_id = self._id("req_sim")
+        route = path.split(b"?", 1)[0]
+        handler = self._routes.get((method, route))
+        at = self.reactor.seconds() if now is None else now
         try:
             if handler is None:
-                raise _ApiError(404, f"Not found: {request.method.decode('latin-1')} {request.path.decode('latin-1')}")
-            return handler(request)
+                raise _ApiError(404, f"Not found: {method.decode('latin-1')} {route.decode('latin-1')}")
+            outcome = handler(headers, body, at, overrides, request_id)
         except _ApiError as error:
-            return self._error(request, error)
+            outcome = _Outcome(SimAnswer(
+                status=error.status, headers={"request-id": request_id, **error.headers},
+                error=(error.kind, error.message), account=error.account))
+        self.responses[outcome.answer.status] += 1
+        return outcome
 
     def _id(self, prefix: str) -> str:
         return prefix + hashlib.sha256(f"{prefix}{self._serial}".encode()).hexdigest()[:24]
 
-    def _error(self, request: Request, error: _ApiError) -> bytes:
-        request.setResponseCode(error.status, _REASON_PHRASES.get(error.status))
-        for name, value in error.headers.items():
-            request.setHeader(name, value)
-        request_id = request.responseHeaders.getRawHeaders(b"request-id", [b""])[0]
-        body = {"type": "error", "error": {"type": error.kind, "message": error.message},
-                "request_id": request_id.decode()}
-        return self._json(request, error.status, body)
-
-    def _json(self, request: Request, status: int, body: dict[str, Any]) -> bytes:
-        self.responses[status] += 1
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(body).encode()
-
-    def _authenticate(self, request: Request) -> SimAccount:
-        api_key = request.getHeader(b"x-api-key")
+    def _authenticate(self, headers: Mapping[str, str]) -> SimAccount:
+        api_key = headers.get("x-api-key")
         if api_key is not None:
-            account = self._by_credential.get(api_key.decode("latin-1"))
+            account = self._by_credential.get(api_key)
             if account is None or account.kind != "apikey":
                 raise _ApiError(401, "invalid x-api-key")
             return account
-        authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        scheme, _, token = authorization.partition(" ")
+        scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise _ApiError(401, "x-api-key or authorization header is required")
         account = self._by_credential.get(token.strip())
         if account is None or account.kind != "oauth":
             raise _ApiError(401, "Invalid bearer token")
-        betas = (request.getHeader(b"anthropic-beta") or b"").decode("latin-1")
+        betas = headers.get("anthropic-beta", "")
         if OAUTH_BETA not in {b.strip() for b in betas.split(",")}:
             raise _ApiError(401, f"OAuth authentication is currently not supported without the {OAUTH_BETA} beta.")
         return account
 
     # -- endpoints
 
-    def _messages(self, request: Request) -> bytes | int:
-        account = self._authenticate(request)
+    def _messages(self, headers: Mapping[str, str], raw: bytes | dict[str, Any], now: float,
+                  overrides: Overrides | None, request_id: str) -> _Outcome:
+        account = self._authenticate(headers)
         account.requests += 1
-        overrides = parse_overrides(request, self.deltas, self.delta_interval)
-        if overrides.status is not None:
-            self.injected += 1
-            raise self._injected(overrides)
-        body = _json_body(request, need_max_tokens=True)
-        now = self.reactor.seconds()
-        account.roll_windows(now)
-        refusal = quota_refusal(account, now)
-        if refusal is not None:
-            account.rejected += 1
-            self.rejected += 1
-            raise refusal
-        reply = self._serve(account, body, overrides, now)
-        for name, value in quota_headers(account, now).items():
-            request.setHeader(name, value)
-        if body.get("stream"):
-            request.setHeader(b"content-type", b"text/event-stream")
-            request.setHeader(b"cache-control", b"no-cache")
-            steps = stream_events(reply, overrides)
-        else:
-            request.setHeader(b"content-type", b"application/json")
-            # A non-streaming answer takes as long as the stream would have.
-            wait = overrides.delta_interval * len(reply.chunks)
-            steps = [(wait, json.dumps(reply.message()).encode())]
-        self.responses[200] += 1
-        _PacedWriter(self.reactor, request, steps, self._count_cancel).run()
-        return NOT_DONE_YET
+        try:
+            if overrides is None:
+                overrides = overrides_from_headers(headers)
+            overrides = overrides.resolved(self.deltas, self.delta_interval)
+            if overrides.status is not None:
+                self.injected += 1
+                raise self._injected(overrides)
+            body = _json_body(raw, need_max_tokens=True)
+            account.roll_windows(now)
+            refusal = quota_refusal(account, now)
+            if refusal is not None:
+                account.rejected += 1
+                self.rejected += 1
+                raise refusal
+        except _ApiError as error:
+            error.account = account.name
+            raise
+        reply = self._serve(account, body, overrides, now, request_id)
+        answer = SimAnswer(
+            status=200, headers={"request-id": request_id, **quota_headers(account, now)},
+            usage=reply.usage.full(), message=reply.message(), chunks=reply.chunks,
+            account=account.name)
+        return _Outcome(answer, reply, bool(body.get("stream")), overrides)
 
     def _injected(self, overrides: Overrides) -> _ApiError:
-        status = overrides.status
+        status = overrides.status or 500
         headers = {}
         if status == 429:
             # A bare 429, no quota verdict: a transient limit (PROTOCOL.md).
@@ -757,21 +926,26 @@ class SimulatedAnthropic(Resource):
         return _ApiError(status, message, headers)
 
     def _serve(self, account: SimAccount, body: dict[str, Any], overrides: Overrides,
-               now: float) -> Reply:
+               now: float, request_id: str = "") -> Reply:
         """Admit a request: consult the cache, burn quota, count, build the reply."""
         shape = analyse_prompt(body, self.cache_ttl_default)
-        read, created = consult_cache(account, shape, now)
+        read, created = consult_cache(account, shape, now, self.honour_breakpoints)
         fresh = shape.total_tokens - read - created
+        deltas = overrides.deltas if overrides.deltas is not None else self.deltas
         planned = overrides.output_tokens
         if planned is None:
-            planned = max(1, overrides.deltas * self.output_tokens_per_delta)
+            planned = self.default_output_tokens
+        if planned is None:
+            planned = max(1, deltas * self.output_tokens_per_delta)
         output = min(planned, body["max_tokens"])
         usage = SimUsage(fresh, created, read, output, shape.ttl)
+        # The quota burn: uncached input (input + cache creation) and output,
+        # plus cache reads at their weight.
         account.burn(fresh + created + output + self.cache_read_weight * read, now)
         self._count_usage(account, usage)
         return Reply(
             message_id=self._id("msg_sim"), model=body["model"],
-            chunks=_reply_chunks(shape.prefix_hashes[-1], overrides.deltas),
+            chunks=_reply_chunks(shape.prefix_hashes[-1], deltas),
             usage=usage, stop_reason="max_tokens" if output < planned else "end_turn",
         )
 
@@ -786,27 +960,62 @@ class SimulatedAnthropic(Resource):
     def _count_cancel(self) -> None:
         self.cancelled += 1
 
-    def _count_tokens(self, request: Request) -> bytes:
-        self._authenticate(request)
-        body = _json_body(request, need_max_tokens=False)
+    def _count_tokens(self, headers: Mapping[str, str], raw: bytes | dict[str, Any], now: float,
+                      overrides: Overrides | None, request_id: str) -> _Outcome:
+        account = self._authenticate(headers)
+        try:
+            body = _json_body(raw, need_max_tokens=False)
+        except _ApiError as error:
+            error.account = account.name
+            raise
         shape = analyse_prompt(body, self.cache_ttl_default)
-        return self._json(request, 200, {"input_tokens": shape.total_tokens})
+        return _Outcome(SimAnswer(200, {"request-id": request_id},
+                                  message={"input_tokens": shape.total_tokens},
+                                  account=account.name))
 
-    def _models(self, request: Request) -> bytes:
-        self._authenticate(request)
+    def _models(self, headers: Mapping[str, str], raw: bytes | dict[str, Any], now: float,
+                overrides: Overrides | None, request_id: str) -> _Outcome:
+        account = self._authenticate(headers)
         data = [{"type": "model", "id": model_id, "display_name": name,
                  "created_at": "2025-01-01T00:00:00Z"} for model_id, name in SIM_MODELS]
-        return self._json(request, 200, {"data": data, "has_more": False,
-                                         "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+        return _Outcome(SimAnswer(200, {"request-id": request_id}, account=account.name, message={
+            "data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}))
+
+    # -- the HTTP path
+
+    def render(self, request: Request) -> bytes | int:
+        body = request.content.read() if request.content is not None else b""
+        outcome = self._handle(request.method, request.path, request_headers(request), body, None, None)
+        answer = outcome.answer
+        request.setResponseCode(answer.status, _REASON_PHRASES.get(answer.status))
+        for name, value in answer.headers.items():
+            request.setHeader(name, value)
+        reply, overrides = outcome.reply, outcome.overrides
+        if reply is None or overrides is None:
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(answer.json_body()).encode()
+        if outcome.stream:
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.setHeader(b"cache-control", b"no-cache")
+            steps = stream_events(reply, overrides)
+        else:
+            request.setHeader(b"content-type", b"application/json")
+            # A non-streaming answer takes as long as the stream would have.
+            wait = (overrides.delta_interval or 0.0) * len(reply.chunks)
+            steps = [(wait, json.dumps(answer.json_body()).encode())]
+        _PacedWriter(self.reactor, request, steps, self._count_cancel).run()
+        return NOT_DONE_YET
 
 
-def _json_body(request: Request, *, need_max_tokens: bool) -> dict[str, Any]:
+def _json_body(raw: bytes | dict[str, Any], *, need_max_tokens: bool) -> dict[str, Any]:
     """The request body as a validated Messages request, or a 400."""
-    raw = request.content.read() if request.content is not None else b""
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:  # includes UnicodeDecodeError
-        raise _ApiError(400, f"Request body is not valid JSON: {exc}") from None
+    if isinstance(raw, dict):
+        body: Any = raw
+    else:
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:  # includes UnicodeDecodeError
+            raise _ApiError(400, f"Request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise _ApiError(400, "Request body must be a JSON object")
     if not isinstance(body.get("model"), str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from io import BytesIO
 from typing import Any
 
@@ -24,6 +25,7 @@ from nextclaude.simulate import (
     FIVE_HOURS,
     OAUTH_BETA,
     SEVEN_DAYS,
+    Overrides,
     SimAccount,
     SimulatedAnthropic,
     analyse_prompt,
@@ -690,3 +692,175 @@ class SDKEndToEndTests(TestCase):
         exc = await self.in_client(lambda c: expect(c, anthropic.RateLimitError))
         self.assertEqual(exc.response.headers[UNIFIED + "status"], "rejected")
         self.assertEqual(exc.body["error"]["type"], "rate_limit_error")
+
+
+class AnswerTests(SimHarness, SynchronousTestCase):
+    """The pure answer(): the same simulator without HTTP objects."""
+
+    def setUp(self) -> None:
+        self.make(five_hour_tokens=5_000)
+        self.clock.advance(1_000)
+
+    def creds(self, account: SimAccount | None = None) -> dict[str, str]:
+        return self.oauth(account or self.accounts[0])
+
+    def test_served_message(self) -> None:
+        """A served request gives status 200, the request id and quota headers, the full
+        usage, the non-streaming message with that usage, and the reply text; it burns
+        quota and counts like an HTTP request."""
+        body = conversation(2)
+        answer = self.sim.answer(self.creds(), json.dumps(body).encode())
+        self.assertEqual((answer.status, answer.ok, answer.error, answer.account), (200, True, None, "sim-1"))
+        self.assertTrue(answer.request_id.startswith("req_sim"))
+        self.assertEqual(answer.headers[UNIFIED + "status"], "allowed")
+        self.assertEqual(answer.message["usage"], answer.usage)
+        self.assertEqual(answer.message["content"], [{"type": "text", "text": answer.text}])
+        self.assertEqual(len(answer.chunks), self.sim.deltas)
+        shape = analyse_prompt(body)
+        usage = answer.usage
+        self.assertEqual(usage["input_tokens"] + usage["cache_creation_input_tokens"]
+                         + usage["cache_read_input_tokens"], shape.total_tokens)
+        self.assertEqual((self.sim.requests, self.sim.served, self.sim.responses[200]), (1, 1, 1))
+        self.assertEqual(self.accounts[0].requests, 1)
+        self.assertGreater(self.accounts[0].used_5h, 0)
+        self.assertEqual(answer.json_body(), answer.message)
+
+    def test_dict_body_and_explicit_now(self) -> None:
+        """A dict body is answered like its JSON bytes; `now` replaces the reactor's
+        clock for cache expiry and quota windows."""
+        body = conversation(3, ttl=None)
+        self.sim.answer(self.creds(), body, now=5_000.0)
+        self.assertEqual(self.accounts[0].window_5h_start, 5_000.0)
+        hit = self.sim.answer(self.creds(), json.dumps(body).encode(), now=5_299.0)
+        self.assertGreater(hit.usage["cache_read_input_tokens"], 0)
+        miss = self.sim.answer(self.creds(), body, now=5_299.0 + 300.0)
+        self.assertEqual(miss.usage["cache_read_input_tokens"], 0)
+
+    def test_output_token_controls(self) -> None:
+        """x-sim-output-tokens among the headers sets the output; an explicit Overrides
+        replaces the headers; max_tokens still bounds it; default_output_tokens sets
+        it for every request without an override."""
+        body = conversation(1, max_tokens=500)
+        answer = self.sim.answer(self.creds() | {"x-sim-output-tokens": "300"}, body)
+        self.assertEqual(answer.usage["output_tokens"], 300)
+        answer = self.sim.answer(self.creds() | {"x-sim-output-tokens": "300"}, body,
+                                 overrides=Overrides(output_tokens=42))
+        self.assertEqual(answer.usage["output_tokens"], 42)
+        answer = self.sim.answer(self.creds(), body, overrides=Overrides(output_tokens=3_000))
+        self.assertEqual((answer.usage["output_tokens"], answer.message["stop_reason"]), (500, "max_tokens"))
+        sim = SimulatedAnthropic(Clock(), simulated_accounts(1), default_output_tokens=77)
+        answer = sim.answer(sim.accounts[0].credential_headers() | {"anthropic-beta": OAUTH_BETA}, body)
+        self.assertEqual(answer.usage["output_tokens"], 77)
+
+    def test_errors(self) -> None:
+        """Missing or unknown credentials, a missing oauth beta, a bad override header,
+        a malformed body and an injected status answer in the error shape, with no
+        usage and no quota burn."""
+        body = conversation(1)
+        cases = [
+            ({}, body, None, 401, "authentication_error"),
+            ({"authorization": "Bearer nope", "anthropic-beta": OAUTH_BETA}, body, None, 401, "authentication_error"),
+            (self.oauth(self.accounts[0], beta="claude-code-20250219"), body, None, 401, "authentication_error"),
+            (self.creds() | {"x-sim-deltas": "many"}, body, None, 400, "invalid_request_error"),
+            (self.creds(), b'{"model": ', None, 400, "invalid_request_error"),
+            (self.creds(), dict(body, messages=[]), None, 400, "invalid_request_error"),
+            (self.creds(), body, Overrides(status=529), 529, "overloaded_error"),
+        ]
+        for headers, raw, overrides, status, kind in cases:
+            with self.subTest(status=status, headers=headers):
+                answer = self.sim.answer(headers, raw, overrides=overrides)
+                self.assertEqual((answer.status, answer.usage, answer.message), (status, None, None))
+                self.assertEqual(answer.error[0], kind)
+                error = answer.json_body()
+                self.assertEqual(error["type"], "error")
+                self.assertEqual(error["request_id"], answer.request_id)
+        self.assertEqual(self.accounts[0].used_5h, 0)
+        self.assertEqual(self.sim.injected, 1)
+
+    def test_quota_429(self) -> None:
+        """An account at capacity answers 429 with rejected headers and retry-after,
+        names the account, and burns nothing."""
+        self.accounts[0].used_5h = 5_000.0
+        self.accounts[0].window_5h_start = 900.0
+        answer = self.sim.answer(self.creds(), conversation(1))
+        self.assertEqual((answer.status, answer.error[0], answer.account), (429, "rate_limit_error", "sim-1"))
+        self.assertEqual(answer.headers[UNIFIED + "status"], "rejected")
+        self.assertEqual(answer.retry_after, 900.0 + FIVE_HOURS - 1_000)
+        self.assertEqual(self.accounts[0].used_5h, 5_000.0)
+        self.assertEqual((self.sim.rejected, self.accounts[0].rejected), (1, 1))
+
+    def test_count_tokens_path(self) -> None:
+        """With the count_tokens path answer() counts the prompt and burns nothing."""
+        body = conversation(3)
+        answer = self.sim.answer(self.creds(), body, path="/v1/messages/count_tokens?beta=true")
+        self.assertEqual(answer.message, {"input_tokens": analyse_prompt(body).total_tokens})
+        self.assertIsNone(answer.usage)
+        self.assertEqual(self.accounts[0].used_5h, 0)
+
+    def test_honour_breakpoints(self) -> None:
+        """With honour_breakpoints the prompt is cached up to its last breakpoint: a
+        body marked on its newest message has no input tokens, a body without
+        breakpoints caches nothing."""
+        sim = SimulatedAnthropic(Clock(), simulated_accounts(1, 10**9), honour_breakpoints=True)
+        creds = sim.accounts[0].credential_headers() | {"anthropic-beta": OAUTH_BETA}
+        first = sim.answer(creds, conversation(2))
+        self.assertEqual(first.usage["input_tokens"], 0)
+        self.assertEqual(first.usage["cache_creation_input_tokens"], analyse_prompt(conversation(2)).total_tokens)
+        second = sim.answer(creds, conversation(3))
+        self.assertEqual(second.usage["cache_read_input_tokens"], analyse_prompt(conversation(2)).total_tokens)
+        self.assertEqual(second.usage["input_tokens"], 0)
+        bare = {"model": "claude-haiku-4-5-20251001", "max_tokens": 1,
+                "messages": [{"role": "user", "content": "quota"}]}
+        for _ in range(2):
+            answer = sim.answer(creds, bare)
+            self.assertEqual((answer.usage["cache_read_input_tokens"],
+                              answer.usage["cache_creation_input_tokens"]), (0, 0))
+            self.assertGreater(answer.usage["input_tokens"], 0)
+        self.assertEqual(analyse_prompt(bare).last_breakpoint, None)
+        system_only = dict(conversation(1))
+        system_only["messages"] = [user("no marker here")]
+        self.assertEqual(analyse_prompt(system_only).last_breakpoint, 0)
+
+    def test_credential_headers(self) -> None:
+        """An account's credential_headers are a bearer token for OAuth and x-api-key
+        for API keys."""
+        self.assertEqual(self.accounts[0].credential_headers(),
+                         {"authorization": f"Bearer {self.accounts[0].credential}"})
+        key = SimAccount("k", "sk-ant-api03-x", kind="apikey")
+        self.assertEqual(key.credential_headers(), {"x-api-key": "sk-ant-api03-x"})
+
+    def test_http_and_answer_agree(self) -> None:
+        """The same requests over HTTP and through answer() on twin simulators get the
+        same status, headers, usage, text and message: ids, cache hits and misses,
+        quota filling up to a 429, errors and count_tokens included."""
+        twin = SimulatedAnthropic(self.clock, simulated_accounts(2, 5_000))
+        requests: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+        for turns in (1, 2, 3, 3, 4):
+            requests.append(("/v1/messages?beta=true", conversation(turns, stream=turns % 2 == 0), {}))
+        requests.append(("/v1/messages/count_tokens?beta=true", conversation(2), {}))
+        requests.append(("/v1/messages", conversation(1), {"x-sim-status": "500"}))
+        requests.append(("/v1/messages", conversation(1), {"x-sim-output-tokens": "0"}))
+        requests.append(("/v1/messages", conversation(2, stream=False), {"x-sim-output-tokens": "123"}))
+        for i in range(12):  # until the 5k window is full
+            requests.append(("/v1/messages", conversation(5 + i, stream=False), {}))
+        statuses = Counter()
+        for path, body, extra in requests:
+            response, content = self.post(body, extra=extra, path=path)
+            answer = twin.answer(self.oauth(twin.accounts[0]) | extra, json.dumps(body).encode(), path=path)
+            statuses[answer.status] += 1
+            self.assertEqual(response.code, answer.status)
+            for name, value in answer.headers.items():
+                self.assertEqual(header(response, name), value, name)
+            if response.code == 200 and body.get("stream") and "count_tokens" not in path:
+                events = dict(parse_sse(content))
+                self.assertEqual(events["message_delta"]["usage"]["output_tokens"], answer.usage["output_tokens"])
+                self.assertEqual(events["message_start"]["message"]["id"], answer.message["id"])
+                deltas = [d["delta"]["text"] for n, d in parse_sse(content) if n == "content_block_delta"]
+                self.assertEqual("".join(deltas), answer.text)
+            else:
+                self.assertEqual(json.loads(content), answer.json_body())
+        self.assertEqual(set(statuses), {200, 400, 429, 500})
+        for ours, theirs in zip(self.accounts, twin.accounts):
+            self.assertEqual((ours.used_5h, ours.requests, ours.cache_read_tokens),
+                             (theirs.used_5h, theirs.requests, theirs.cache_read_tokens))
+        self.assertEqual((self.sim.requests, self.sim.responses), (twin.requests, twin.responses))
