@@ -723,16 +723,13 @@ class RunResult:
         )
 
 
-def drive(workload: Workload, send: Callable[[PlannedRequest, float], SimAnswer], *,
-          start: float = 0.0, horizon: float | None = None, base_latency: float = 1.0,
-          seconds_per_output_token: float = 0.02, retry_wait: float = 2.0,
-          max_failures: int = 1_000) -> RunResult:
+class Driver:
     """
-    Run ``workload`` to the end on a virtual clock, one event at a time.
+    Runs a workload on a virtual clock, one event at a time: L{next_event}
+    says which session sends what and when; L{deliver} takes the answer.
+    The caller does the sending, synchronously (L{drive}) or over real HTTP.
 
-    ``send(request, now)`` answers a request at virtual time ``now`` (e.g.
-    the router picking an account, then L{SimulatedAnthropic.answer}).  A
-    request takes ``base_latency + seconds_per_output_token × output`` to
+    A request takes ``base_latency + seconds_per_output_token × output`` to
     answer; the session's next request goes ``delay`` later.  A failed main,
     compaction or post-compaction request is retried after its
     ``retry-after`` (else ``retry_wait``); a session failing ``max_failures``
@@ -740,45 +737,75 @@ def drive(workload: Workload, send: Callable[[PlannedRequest, float], SimAnswer]
     horizon``.  Sessions interleave by virtual time (ties by session index),
     so the run is deterministic.
     """
-    result = RunResult(started=start, finished=start)
-    result.turns_planned = workload.spec.sessions * workload.spec.turns
-    queue: list[tuple[float, int]] = []
-    failures = Counter[int]()
 
-    def schedule(session: int, at: float) -> None:
-        request = workload.next_request(session)
+    def __init__(self, workload: Workload, *, start: float = 0.0, horizon: float | None = None,
+                 base_latency: float = 1.0, seconds_per_output_token: float = 0.02,
+                 retry_wait: float = 2.0, max_failures: int = 1_000) -> None:
+        self._workload = workload
+        self._start = start
+        self._horizon = horizon
+        self._base_latency = base_latency
+        self._per_token = seconds_per_output_token
+        self._retry_wait = retry_wait
+        self._max_failures = max_failures
+        self.result = RunResult(started=start, finished=start)
+        self.result.turns_planned = workload.spec.sessions * workload.spec.turns
+        self._queue: list[tuple[float, int]] = []
+        self._failures = Counter[int]()
+        for session in range(workload.spec.sessions):
+            self._schedule(session, start)
+
+    def _schedule(self, session: int, at: float) -> None:
+        request = self._workload.next_request(session)
         if request is not None:
-            heapq.heappush(queue, (at + request.delay, session))
+            heapq.heappush(self._queue, (at + request.delay, session))
 
-    for session in range(workload.spec.sessions):
-        schedule(session, start)
-    while queue:
-        now, session = heapq.heappop(queue)
-        if horizon is not None and now > start + horizon:
-            result.abandoned += 1
-            continue
-        request = workload.next_request(session)
-        if request is None:  # pragma: no cover - scheduled sessions have a request
-            continue
-        answer = send(request, now)
+    def next_event(self) -> tuple[float, int, PlannedRequest] | None:
+        """
+        The next (virtual time, session, request) to send, or None when the
+        workload is over.
+        """
+        while self._queue:
+            now, session = heapq.heappop(self._queue)
+            if self._horizon is not None and now > self._start + self._horizon:
+                self.result.abandoned += 1
+                continue
+            request = self._workload.next_request(session)
+            if request is not None:
+                return now, session, request
+        return None
+
+    def deliver(self, now: float, session: int, request: PlannedRequest, answer: SimAnswer) -> None:
+        result = self.result
         result.record(request, answer)
         if answer.ok:
-            failures[session] = 0
+            self._failures[session] = 0
             output = (answer.usage or {}).get("output_tokens", 0)
-            finished = now + base_latency + seconds_per_output_token * output
+            finished = now + self._base_latency + self._per_token * output
             result.finished = max(result.finished, finished)
-            workload.complete(session, request, True, answer.text)
-            schedule(session, finished)
-            continue
+            self._workload.complete(session, request, True, answer.text)
+            self._schedule(session, finished)
+            return
         result.finished = max(result.finished, now)
-        workload.complete(session, request, False)
+        self._workload.complete(session, request, False)
         if request.kind not in MAIN_KINDS:
-            schedule(session, now)
-            continue
-        failures[session] += 1
-        if failures[session] >= max_failures:
+            self._schedule(session, now)
+            return
+        self._failures[session] += 1
+        if self._failures[session] >= self._max_failures:
             result.abandoned += 1
-            continue
+            return
         wait = answer.retry_after
-        heapq.heappush(queue, (now + (wait if wait is not None and wait > 0 else retry_wait), session))
-    return result
+        heapq.heappush(self._queue, (now + (wait if wait is not None and wait > 0 else self._retry_wait), session))
+
+
+def drive(workload: Workload, send: Callable[[PlannedRequest, float], SimAnswer], **options: Any) -> RunResult:
+    """
+    Run C{workload} to the end on a virtual clock (see L{Driver} for the
+    options); C{send(request, now)} answers each request synchronously.
+    """
+    driver = Driver(workload, **options)
+    while (event := driver.next_event()) is not None:
+        now, session, request = event
+        driver.deliver(now, session, request, send(request, now))
+    return driver.result

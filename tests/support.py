@@ -19,12 +19,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-from zope.interface import directlyProvides, providedBy
 
 from nextclaude.config import load_config
 from nextclaude.service import ProxyService
@@ -170,30 +168,6 @@ def write_config(test: Any, upstream_port: int, accounts: list[dict[str, Any]] |
     path.write_text(json.dumps(data))
     path.chmod(0o600)
     return path
-
-
-class MixedReactor:
-    """
-    The real reactor for sockets, a L{Clock} for time: end-to-end tests of
-    timeouts advance the clock instead of waiting.
-    """
-
-    def __init__(self, real: Any, clock: Clock) -> None:
-        self._real = real
-        self._clock = clock
-        directlyProvides(self, *list(providedBy(real)))
-
-    def seconds(self) -> float:
-        return self._clock.seconds()
-
-    def callLater(self, *args: Any, **kw: Any) -> Any:
-        return self._clock.callLater(*args, **kw)
-
-    def getDelayedCalls(self) -> Any:
-        return self._clock.getDelayedCalls()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
 
 
 def start_proxy(test: Any, config_path: Path, the_reactor: Any = reactor) -> tuple[ProxyService, str]:

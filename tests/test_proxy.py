@@ -16,11 +16,11 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseFailed
 from twisted.web.server import NOT_DONE_YET
 
+from nextclaude.simulate import VirtualTimeReactor
 from tests.support import (
     PROXY_KEY,
     ChunkCollector,
     FakeUpstream,
-    MixedReactor,
     Seen,
     auth,
     client,
@@ -407,7 +407,7 @@ class FailureTests(TestCase):
         clock = Clock()
         upstream = FakeUpstream(lambda seen: NOT_DONE_YET)
         config = write_config(self, listen(self, upstream), proxy={"upstreamTimeout": 30})
-        service, url = start_proxy(self, config, MixedReactor(reactor, clock))
+        service, url = start_proxy(self, config, VirtualTimeReactor(reactor, clock))
         arrived = upstream.next_request()
         pending = client(self).post(url + "/v1/messages", data=MESSAGE_BODY, headers=auth())
         seen = await arrived
@@ -436,7 +436,7 @@ class FailureTests(TestCase):
 
         upstream = FakeUpstream(handler)
         config = write_config(self, listen(self, upstream), proxy={"streamIdleTimeout": 60})
-        service, url = start_proxy(self, config, MixedReactor(reactor, clock))
+        service, url = start_proxy(self, config, VirtualTimeReactor(reactor, clock))
         arrived = upstream.next_request()
         response = await client(self).post(url + "/v1/messages", data=MESSAGE_BODY, headers=auth(), unbuffered=True)
         collector = ChunkCollector()
