@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the whole system against a built-in simulated upstream (no account needed)"
     )
     demo.add_argument("--accounts", type=int, default=3, help="simulated accounts (default: 3)")
-    demo.add_argument("--sessions", type=int, default=3, help="concurrent simulated conversations (default: 3)")
-    demo.add_argument("--turns", type=int, default=12, help="turns per conversation (default: 12)")
+    demo.add_argument("--sessions", type=int, default=3, help="simulated Claude Code sessions (default: 3)")
+    demo.add_argument("--duration", type=float, default=90.0, help="seconds of simulated traffic (default: 90)")
     demo.add_argument("--no-console", action="store_true", help="print the event log instead of the console")
     demo.set_defaults(handler=_demo)
     return parser

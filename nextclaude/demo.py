@@ -1,52 +1,79 @@
 """
 `nextclaude demo`: the real proxy service against the simulated upstream,
-with simulated accounts and a few scripted conversations, all on free
-loopback ports in a temporary directory.
+with simulated accounts whose quotas run out within a minute or two and
+Claude-Code-shaped traffic (several sessions, growing context,
+auto-compactions), all on free loopback ports in a temporary directory.
+The user's own config, state and port are never touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import react
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater, react
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from nextclaude import __version__, events
 from nextclaude.config import load_config, new_config_data, parse_config
 from nextclaude.events import Event
+from nextclaude.humanize import tokens
+from nextclaude.replay import replay
+from nextclaude.router import FULL, NAIVE
 from nextclaude.service import ProxyService
-from nextclaude.simulate import SimulatedAnthropic, listen_simulator, simulated_accounts, stop_simulator
+from nextclaude.simulate import SimAnswer, SimulatedAnthropic, listen_simulator, stop_simulator
 from nextclaude.store import atomic_write
-
-MODEL = "claude-sonnet-4-5-20250929"
-
-# A system prompt about the size of Claude Code's (a few thousand tokens),
-# shared by every conversation, as Claude Code's is.
-SYSTEM_PROMPT = (
-    "You are a careful software engineer working in a terminal. "
-    + " ".join(f"Rule {n}: read the code before changing it, and test what you change." for n in range(1, 180))
-)
+from nextclaude.usage import StreamParser
+from nextclaude.workload import Driver, PlannedRequest, UpstreamSpec, Workload, WorkloadSpec
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     accounts: int = 3
     sessions: int = 3
-    turns: int = 12
-    # Sized so that the scripted traffic fills about two accounts: the
-    # demo shows a switch without running everything dry.
-    five_hour_tokens: int = 40_000
+    duration: float = 90.0
+    # Sized so that the traffic fills about two accounts within the
+    # duration: the demo shows arming, landings and a switch without
+    # running everything dry.
+    five_hour_tokens: int = 60_000
+    think_time: float = 1.5
     delta_interval: float = 0.02
+    seed: int = 7
+
+    def workload(self) -> WorkloadSpec:
+        # Claude Code's shape at a tenth of the size, so compactions come
+        # every few turns instead of every few hours.
+        return WorkloadSpec(
+            sessions=self.sessions,
+            turns=10_000,
+            prefix_tokens=3_000,
+            tokens_per_turn=700,
+            compact_above=9_000,
+            summary_tokens=600,
+            output_tokens=120,
+            think_time=self.think_time,
+            ttl="1h",
+            seed=self.seed,
+        )
+
+    def upstream(self) -> UpstreamSpec:
+        return UpstreamSpec(accounts=self.accounts, five_hour_tokens=self.five_hour_tokens)
+
+    def driver_options(self, start: float) -> dict[str, Any]:
+        return {
+            "start": start,
+            "horizon": self.duration,
+            "base_latency": 0.1,
+            "seconds_per_output_token": 0.002,
+        }
 
 
 @dataclass
@@ -56,19 +83,14 @@ class DemoSummary:
     rejected: int = 0
     failed: int = 0
     switches: list[tuple[str, str, str]] = field(default_factory=list)
+    compactions: int = 0
     cache_read: int = 0
     cache_creation: int = 0
 
 
-def _user_turn(session: int, turn: int) -> str:
-    return f"[session {session}, turn {turn}] " + " ".join(
-        f"Please look at module {turn}.{n} and explain what it does." for n in range(40)
-    )
-
-
 class _Printer:
     """
-    Turns the proxy's events into the demo's log lines.
+    Turns the proxy's events into the demo's log lines and tallies them.
     """
 
     def __init__(self, out: TextIO, summary: DemoSummary, started: float) -> None:
@@ -76,36 +98,46 @@ class _Printer:
         self._summary = summary
         self._started = started
 
+    def _line(self, event: Event, text: str) -> None:
+        print(f"{event.time - self._started:6.1f}s  {text}", file=self._out, flush=True)
+
     def __call__(self, event: Event) -> None:
-        at = f"{event.time - self._started:6.2f}s"
         data = event.data
+        summary = self._summary
         if event.kind == events.REQUEST_FINISHED:
             usage = data.get("usage") or {}
-            self._summary.requests += 1
+            summary.requests += 1
             status = data.get("status")
             if status == 200:
-                self._summary.ok += 1
+                summary.ok += 1
             elif status == 429:
-                self._summary.rejected += 1
+                summary.rejected += 1
             else:
-                self._summary.failed += 1
-            self._summary.cache_read += usage.get("cache_read_input_tokens", 0)
-            self._summary.cache_creation += usage.get("cache_creation_input_tokens", 0)
-            print(
-                f"{at}  {status}  {data.get('account') or '-':<6} {data.get('reason'):<10}"
-                f" hit {usage.get('cache_read_input_tokens', 0):>6}"
-                f"  miss {usage.get('input_tokens', 0) + usage.get('cache_creation_input_tokens', 0):>6}"
-                f"  out {usage.get('output_tokens', 0):>4}",
-                file=self._out,
+                summary.failed += 1
+            read = usage.get("cache_read_input_tokens", 0)
+            written = usage.get("cache_creation_input_tokens", 0)
+            fresh = usage.get("input_tokens", 0)
+            summary.cache_read += read
+            summary.cache_creation += written
+            total = read + written + fresh
+            hit = f"{read / total:4.0%}" if total else "   -"
+            self._line(
+                event,
+                f"{status}  {data.get('account') or '-':<6} hit {tokens(read):>6}  ✎ {tokens(written):>6}"
+                f"  ↓{usage.get('output_tokens', 0):>4}  {hit}  {data.get('reason')}",
             )
         elif event.kind == events.SWITCHED:
-            self._summary.switches.append((data["previous"], data["account"], data["reason"]))
-            print(
-                f"{at}  ** switched {data['previous']} -> {data['account']} ({data['reason']})",
-                file=self._out,
-            )
+            summary.switches.append((data["previous"], data["account"], data["reason"]))
+            self._line(event, f"** session moved {data['previous']} -> {data['account']} ({data['reason']})")
+        elif event.kind == events.ARMED:
+            self._line(event, f"** {data['account']} armed: {data['successor']} takes new sessions")
+        elif event.kind == events.COMPACTION:
+            summary.compactions += 1
+            self._line(event, f"** compaction detected on {data.get('account')}")
         elif event.kind == events.EXHAUSTED:
-            print(f"{at}  ** {data['account']} is out of quota", file=self._out)
+            self._line(event, f"** {data['account']} is out of quota")
+        elif event.kind == events.PROBE:
+            self._line(event, f"** probing {data['account']}")
 
 
 def write_demo_config(directory: Path, upstream: str, sim: SimulatedAnthropic) -> Path:
@@ -114,7 +146,6 @@ def write_demo_config(directory: Path, upstream: str, sim: SimulatedAnthropic) -
     a fresh key; the user's own config is never read or written.
     """
     data = new_config_data()
-    data["proxy"]["port"] = 3456
     data["upstream"] = upstream
     data["accounts"] = [
         {"name": account.name, "type": "oauth", "accessToken": account.credential, "tier": "Max"}
@@ -127,60 +158,40 @@ def write_demo_config(directory: Path, upstream: str, sim: SimulatedAnthropic) -
     return path
 
 
-async def _conversation(
-    http: HTTPClient, url: str, key: str, number: int, turns: int
-) -> None:
-    session_id = f"demo-session-{number}-{secrets.token_hex(4)}"
-    messages: list[dict[str, Any]] = []
-    for turn in range(1, turns + 1):
-        messages.append({"role": "user", "content": _user_turn(number, turn)})
-        body = {
-            "model": MODEL,
-            "max_tokens": 1024,
-            "stream": True,
-            "system": [
-                {"type": "text", "text": SYSTEM_PROMPT, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
-            ],
-            "messages": messages,
-        }
-        response = await http.post(
-            url + "/v1/messages?beta=true",
-            data=json.dumps(body).encode(),
-            headers={
-                "x-api-key": key,
-                "content-type": "application/json",
-                "anthropic-version": "2023-06-01",
-                "x-claude-code-session-id": session_id,
-            },
+async def _send(http: HTTPClient, url: str, key: str, request: PlannedRequest) -> SimAnswer:
+    headers = dict(request.headers)
+    # Claude Code in subscription mode: its own Bearer token, and the proxy
+    # key in the custom header `nextclaude env` suggests.
+    headers["authorization"] = "Bearer sk-ant-oat01-the-users-own-token"
+    headers["x-nextclaude-key"] = key
+    response = await http.post(url + request.path.decode(), data=request.body, headers=headers)
+    body = await response.content()
+    if response.code != 200:
+        retry = response.headers.getRawHeaders(b"retry-after")
+        return SimAnswer(
+            status=response.code,
+            headers={"retry-after": retry[-1].decode()} if retry else {},
+            error=("error", "see the proxy's log"),
         )
-        content = await response.content()
-        if response.code != 200:
-            # Every account is out: a real client would wait retry-after;
-            # the demo's conversation simply ends here.
-            return
-        messages.append({"role": "assistant", "content": _reply_text(content)})
+    parser = StreamParser()
+    parser.feed(body)
+    parser.finish()
+    return SimAnswer(status=200, headers={}, usage=parser.usage.to_json(), chunks=("(simulated reply)",))
 
 
-def _reply_text(stream: bytes) -> str:
-    texts: list[str] = []
-    for block in stream.split(b"\n\n"):
-        for line in block.split(b"\n"):
-            if line.startswith(b"data: ") and b'"text_delta"' in line:
-                texts.append(json.loads(line[6:])["delta"]["text"])
-    return "".join(texts) or "(no text)"
-
-
-async def run_demo(reactor: Any, settings: DemoSettings, out: TextIO) -> DemoSummary:
+async def run_demo(
+    reactor: Any, settings: DemoSettings, out: TextIO, advance: Callable[[float], None] | None = None
+) -> DemoSummary:
     """
-    Run the whole demo once and return its figures.
+    Run the whole demo once and return its figures.  Time passes for real,
+    unless C{advance} is given: then the demo moves the reactor's (virtual)
+    clock itself instead of waiting.
     """
     directory = Path(tempfile.mkdtemp(prefix="nextclaude-demo-"))
     directory.chmod(0o700)
-    sim = SimulatedAnthropic(
-        reactor,
-        simulated_accounts(settings.accounts, five_hour_tokens=settings.five_hour_tokens),
-        delta_interval=settings.delta_interval,
-    )
+    upstream_spec = settings.upstream()
+    sim = upstream_spec.build(reactor)
+    sim.delta_interval = settings.delta_interval
     sim_port = listen_simulator(reactor, sim)
     service: ProxyService | None = None
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -189,25 +200,32 @@ async def run_demo(reactor: Any, settings: DemoSettings, out: TextIO) -> DemoSum
         config_path = write_demo_config(directory, f"http://127.0.0.1:{sim_port.getHost().port}", sim)
         config = load_config(config_path).with_overrides(port=0)
         service = ProxyService(reactor, config)
-        service.hub.subscribe(_Printer(out, summary, reactor.seconds()))
+        started = reactor.seconds()
+        service.hub.subscribe(_Printer(out, summary, started))
         service.startService()
         host, port = service.address()
         url = f"http://{host}:{port}"
+        spec = settings.workload()
         print(
-            f"NextClaude {__version__} demo: {settings.accounts} simulated accounts "
-            f"({settings.five_hour_tokens:,} quota tokens each per 5 h), "
-            f"{settings.sessions} conversations of {settings.turns} turns, proxy on {url}\n",
+            f"NextClaude {__version__} demo: {settings.accounts} simulated accounts with "
+            f"{settings.five_hour_tokens:,} quota tokens each, {settings.sessions} Claude-Code-shaped "
+            f"sessions for {settings.duration:g}s, proxy on {url}\n"
+            f"Watch new sessions stay on the warm account, the primary arm near its limit, and "
+            f"sessions move right after their compaction, when moving is cheap.\n",
             file=out,
+            flush=True,
         )
         http = HTTPClient(Agent(reactor, pool=pool))
-        await gatherResults(
-            [
-                Deferred.fromCoroutine(_conversation(http, url, config.proxy.api_key, n, settings.turns))
-                for n in range(1, settings.sessions + 1)
-            ],
-            consumeErrors=True,
-        )
-        _print_summary(out, summary, service, sim)
+        driver = Driver(Workload(spec), **settings.driver_options(started))
+        while (event := driver.next_event()) is not None:
+            now, session, request = event
+            if now > reactor.seconds():
+                if advance is not None:
+                    advance(now - reactor.seconds())
+                else:
+                    await deferLater(reactor, now - reactor.seconds())
+            driver.deliver(now, session, request, await _send(http, url, config.proxy.api_key, request))
+        _print_summary(out, summary, service, settings, driver.result.turns_done)
         return summary
     finally:
         await pool.closeCachedConnections()
@@ -217,34 +235,58 @@ async def run_demo(reactor: Any, settings: DemoSettings, out: TextIO) -> DemoSum
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _print_summary(out: TextIO, summary: DemoSummary, service: ProxyService, sim: SimulatedAnthropic) -> None:
+def _print_summary(
+    out: TextIO, summary: DemoSummary, service: ProxyService, settings: DemoSettings, turns: int
+) -> None:
+    now = service.reactor.seconds()
     print(
         f"\nSummary: {summary.requests} requests ({summary.ok} ok, {summary.rejected} rate-limited, "
-        f"{summary.failed} failed), {len(summary.switches)} switch(es); "
-        f"cache read {summary.cache_read:,} tokens, written {summary.cache_creation:,} tokens",
+        f"{summary.failed} failed), {turns} turns, {summary.compactions} compactions, "
+        f"{len(summary.switches)} session move(s); cache read {summary.cache_read:,} tokens, "
+        f"written {summary.cache_creation:,} tokens",
         file=out,
     )
-    now = service.reactor.seconds()
     for account in service.pool:
-        used = account.utilization("5h", now)
         marker = ">" if account.name == service.router.primary else " "
         print(
-            f"{marker} {account.name}: {account.usage.requests} requests, 5h {used:.0%} used, "
-            f"status {service.router.status_of(account).value}",
+            f"{marker} {account.name}: {account.usage.requests} requests, "
+            f"5h {account.utilization('5h', now):.0%} used, {service.router.status_of(account).value}",
             file=out,
         )
+    # The same traffic replayed on a virtual clock under the real policy and
+    # the naive one, to price the difference.
+    spec, upstream = settings.workload(), settings.upstream()
+    options = settings.driver_options(0.0)
+    baseline = Workload(spec).baseline_tokens(upstream, **options)
+    ours, naive = (replay(policy, spec, upstream, baseline=baseline, **options) for policy in (FULL, NAIVE))
+    print(
+        f"\nRe-billed cache tokens on this traffic (replayed): NextClaude {ours.excess:,}, "
+        f"naive rotation {naive.excess:,} (one unlimited account: 0).",
+        file=out,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = DemoSettings(accounts=args.accounts, sessions=args.sessions, turns=args.turns)
-    for name in ("accounts", "sessions", "turns"):
+    settings = DemoSettings(accounts=args.accounts, sessions=args.sessions, duration=args.duration)
+    for name in ("accounts", "sessions"):
         if getattr(settings, name) < 1:
             print(f"nextclaude demo: --{name} must be at least 1", file=sys.stderr)
             return 2
+    if settings.duration <= 0:
+        print("nextclaude demo: --duration must be positive", file=sys.stderr)
+        return 2
 
-    async def demo(reactor: Any) -> None:
-        await run_demo(reactor, settings, sys.stdout)
+    def start(reactor: Any) -> Deferred[None]:
+        running = Deferred.fromCoroutine(run_demo(reactor, settings, sys.stdout))
 
-    react(lambda reactor: Deferred.fromCoroutine(demo(reactor)))
+        def interrupted() -> Deferred[None]:
+            # Ctrl-C: cancel the run so its cleanup (ports, temporary
+            # directory) happens before the reactor stops.
+            running.cancel()
+            return running.addErrback(lambda failure: failure.trap(CancelledError))
+
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+        return running.addBoth(lambda result: (reactor.removeSystemEventTrigger(trigger), result)[1])
+
+    react(start)
     return 0
-

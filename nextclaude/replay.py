@@ -101,9 +101,11 @@ def replay(
     upstream: UpstreamSpec = STANDARD_UPSTREAM,
     thresholds: Thresholds = Thresholds(),
     baseline: RunResult | None = None,
+    **driver_options: Any,
 ) -> PolicyReport:
     """
-    Run the workload through a real L{Router} with C{policy} and price it.
+    Run the workload through a real L{Router} with C{policy} and price it
+    (C{driver_options} go to L{nextclaude.workload.Driver}).
     """
     clock = Clock()
     sim = upstream.build(clock)
@@ -146,9 +148,9 @@ def replay(
         finally:
             router.close(exchange)
 
-    result = drive(Workload(spec), send)
+    result = drive(Workload(spec), send, **driver_options)
     if baseline is None:
-        baseline = Workload(spec).baseline_tokens(upstream)
+        baseline = Workload(spec).baseline_tokens(upstream, **driver_options)
     return PolicyReport(
         policy=policy,
         result=result,

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from nextclaude.demo import DemoSettings, DemoSummary, run_demo
+from nextclaude.simulate import VirtualTimeReactor
 
-# Two conversations of six turns burn about 26,000 quota tokens on the
-# simulator: small enough that the first account runs out mid-demo, large
-# enough that the second one serves the rest.
-SETTINGS = DemoSettings(accounts=2, sessions=2, turns=6, five_hour_tokens=15_000, delta_interval=0.0)
+# Two sessions for 40 (virtual) seconds burn about 50,000 quota tokens: the
+# first account runs out mid-demo, the second serves the rest.
+SETTINGS = DemoSettings(accounts=2, sessions=2, duration=40.0, five_hour_tokens=30_000, delta_interval=0.0)
 
 
 class DemoTests(TestCase):
@@ -57,16 +58,20 @@ class DemoTests(TestCase):
 
     async def play_demo(self) -> tuple[DemoSummary, str]:
         out = io.StringIO()
-        summary = await run_demo(reactor, SETTINGS, out=out)
+        # Real sockets, virtual time: the demo moves the clock itself.
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        summary = await run_demo(VirtualTimeReactor(reactor, clock), SETTINGS, out=out, advance=clock.advance)
         return summary, out.getvalue()
 
     async def test_demo_switches_accounts_without_failures(self) -> None:
         """
         With a 5 h quota too small for the scripted traffic, the demo's
         requests all complete without a failure, the proxy switches from the
-        first simulated account to the second at least once, the prompt
-        cache is read, and the printed summary line gives the same figures
-        as the returned DemoSummary.
+        first simulated account to the second at least once, compactions
+        are detected, the prompt cache is read, and the printed summary line
+        gives the same figures as the returned DemoSummary, followed by the
+        replayed comparison with naive rotation.
         """
         summary, text = await self.play_demo()
         self.assertGreater(summary.requests, 0)
@@ -76,14 +81,17 @@ class DemoTests(TestCase):
         self.assertGreaterEqual(len(summary.switches), 1)
         self.assertEqual(summary.switches[0][:2], ("sim-1", "sim-2"))
         self.assertGreater(summary.cache_read, 0)
-        self.assertIn("** switched sim-1 -> sim-2", text)
+        self.assertGreater(summary.compactions, 0)
+        self.assertIn("** session moved sim-1 -> sim-2", text)
+        self.assertIn("naive rotation", text)
         line = re.search(r"^Summary: .*$", text, re.MULTILINE)
         self.assertIsNotNone(line)
         assert line is not None
+        self.assertIn(f"{len(summary.switches)} session move(s); cache read {summary.cache_read:,} tokens", line.group(0))
         self.assertTrue(
             line.group(0).startswith(
                 f"Summary: {summary.requests} requests ({summary.ok} ok, {summary.rejected} rate-limited, "
-                f"0 failed), {len(summary.switches)} switch(es); cache read {summary.cache_read:,} tokens"
+                f"0 failed), "
             ),
             line.group(0),
         )
