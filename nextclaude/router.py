@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from nextclaude import events
 from nextclaude.events import EventHub
-from nextclaude.pool import ACCOUNT_WIDE, Account, AccountPool, Status, model_family
+from nextclaude.pool import ACCOUNT_WIDE, Account, AccountPool, Status, model_family, window_applies
 from nextclaude.quota import REJECTED, QuotaReport
 from nextclaude.sessions import Moment, RequestFacts, Session, SessionTable
 from nextclaude.usage import Usage
@@ -299,7 +299,9 @@ class Router:
             account = self._for_new_session(exchange, now, family)
             if account is None:
                 return self._all_exhausted(exchange, now)
-            return self._decide(exchange, account, MANUAL if account.name == self.manual else PRIMARY, now)
+            # A retry says why it left the first account, as for sessions.
+            reason = exchange.next_reason or (MANUAL if account.name == self.manual else PRIMARY)
+            return self._decide(exchange, account, reason, now)
         account, reason = self._choose(exchange, session, now, family)
         if account is None:
             return self._all_exhausted(exchange, now)
@@ -437,7 +439,7 @@ class Router:
                 self._last_sweep = now
                 exchange.probe_queue = candidates
                 return self._next_probe(exchange, now)
-        return self._rejection(now)
+        return self._rejection(now, exchange.family)
 
     def _probe_candidates(self, exchange: Exchange, now: float) -> list[str]:
         """
@@ -466,19 +468,39 @@ class Router:
                 self._hub.emit(events.PROBE, now, account=account.name)
                 return replace(self._decide(exchange, account, PROBE, now), probe=True)
         self._end_sweep(exchange)
-        return self._rejection(now)
+        return self._rejection(now, exchange.family)
 
     def _end_sweep(self, exchange: Exchange) -> None:
         if exchange.probe_queue is not None:
             exchange.probe_queue = None
             self._sweeping = False
 
-    def _rejection(self, now: float) -> Decision:
+    def _back_at(self, account: Account, now: float, family: str | None) -> float | None:
+        """
+        When the account can serve C{family} again: the last end of what
+        keeps it out (windows at the ceiling, a quota 429, a throttle).  Its
+        soonest reset alone would point an account out of weekly quota at
+        its 5-hour reset, and the client would come back to another 429.
+        """
+        blocks: list[float] = []
+        for name, window in account.live_windows(now).items():
+            if name == "overage" or not window_applies(name, family):
+                continue
+            if window.status == REJECTED or (window.utilization or 0.0) >= self.pool.thresholds.hard:
+                if window.reset is None:
+                    return None
+                blocks.append(window.reset)
+        for until in (account.exhausted_until, account.throttled_until):
+            if until is not None and until > now:
+                blocks.append(until)
+        return max(blocks) if blocks else account.soonest_reset(now)
+
+    def _rejection(self, now: float, family: str | None = None) -> Decision:
         resets = [
             reset
             for account in self.pool
             if account.error is None
-            for reset in [account.soonest_reset(now)]
+            for reset in [self._back_at(account, now, family)]
             if reset is not None
         ]
         reset = min(resets, default=None)
@@ -634,7 +656,10 @@ class Router:
         """
         now = self._clock()
         for account in self.pool:
-            before = self.pool.status(account, now)
+            # What the stored state said before any of it lapsed: judged at
+            # `now`, a window or throttle ending at `now` already reads as
+            # gone, so nothing would ever be announced recovered.
+            before = self.pool.status(account, -math.inf)
             if account.expire(now) and before in (Status.EXHAUSTED, Status.THROTTLED):
                 if self.pool.status(account, now) is Status.ACTIVE:
                     self._hub.emit(events.RECOVERED, now, account=account.name)

@@ -1,39 +1,147 @@
 """
-Tests for nextclaude.router: the basic routing policy (DESIGN.md, "The
-routing policy", points 1, 2, 6, 9 and 10) driven by real rate-limit header
-shapes (PROTOCOL.md) and a fake clock.
+Tests for nextclaude.router: the routing policy of DESIGN.md ("The routing
+policy", points 1-11) driven the way the proxy drives it.
+
+Each test builds a pool, a L{Router} on a fake clock and an L{EventHub} whose
+events are collected, then plays Claude-Code-shaped requests (bodies read by
+L{inspect_request}) through L{RouterCase.serve}: open an exchange, route,
+answer each attempt from a per-account script of upstream replies with real
+rate-limit header shapes (PROTOCOL.md), wait what a verdict asks on the
+clock, finish and close.  A test reads as a scenario: who asked, which
+accounts were tried and why.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from nextclaude import events
 from nextclaude.events import Event, EventHub
-from nextclaude.pool import Account, Status
-from nextclaude.quota import QuotaReport, parse_rate_limit_headers
-from nextclaude.router import Decision, RouteContext, Router
+from nextclaude.pool import Account, AccountPool, Thresholds
+from nextclaude.quota import parse_rate_limit_headers
+from nextclaude.router import (
+    AFFINITY,
+    ARMING,
+    CEILING,
+    EXHAUSTED,
+    FORWARD_ONLY_WAIVED,
+    FULL,
+    LANDED_AFTER_COMPACTION,
+    LANDED_EARLY,
+    MANUAL,
+    NAIVE,
+    PRIMARY,
+    PROBE,
+    QUOTA_429,
+    RETRY_401,
+    RETRY_403,
+    RETRY_TRANSIENT,
+    TTL_EXPIRED,
+    Decision,
+    Exchange,
+    Router,
+    Verdict,
+)
+from nextclaude.sessions import RequestFacts, inspect_request
 from nextclaude.usage import Usage
-from tests.test_pool import (
-    FIVE_HOUR_RESET,
-    HOUR,
-    NOW,
-    OPUS,
-    SEVEN_DAY_RESET,
-    SONNET,
-    U,
-    make_pool,
-    subscription_headers,
+from tests.test_pool import FIVE_HOUR_RESET, HOUR, NOW, OPUS, SEVEN_DAY_RESET, SONNET, U, config
+
+HAIKU = "claude-haiku-4-5-20251001"
+MESSAGES = b"/v1/messages?beta=true"
+COUNT_TOKENS = b"/v1/messages/count_tokens?beta=true"
+
+# Claude Code session ids (one per conversation; shared by its subagents
+# and side requests).
+X = "5f0c7a52-8d1e-4b7a-9f3e-2c6d1a0b9e47"
+Y = "0b6f3e1d-22aa-4c4e-8d51-7e9a3c2f1b60"
+Z = "c3a9e0f4-71b2-4d6e-a8f3-5b0c9d2e1f74"
+W = "8e1d4c7b-0a3f-4b59-9c62-d7e0f1a2b3c4"
+NEW = "4a7b2c9d-6e1f-4a08-b3c5-9d8e7f6a5b41"
+OTHER = "e9f8d7c6-b5a4-4392-8170-6f5e4d3c2b1a"
+
+SUMMARY_REQUEST = (
+    "Your task is to create a detailed summary of the conversation so far, paying close "
+    "attention to the user's explicit requests and your previous actions. Wrap your analysis "
+    "in <analysis> tags, then give the summary in <summary> tags."
+)
+CONTINUATION = (
+    "This session is being continued from a previous conversation that ran out of context. "
+    "The conversation is summarized below:\n<summary>Fixing the flaky scheduler test.</summary>"
 )
 
-CONTEXT = RouteContext(session="0b6e4a52-6f0e-4e38-9d7a-0c1b7f3f6a21", model=SONNET)
+# A turn with a warm cache: mostly reads, a little written and generated.
+TURN_USAGE = Usage(input_tokens=60, output_tokens=700, cache_read_input_tokens=48_000, cache_creation_input_tokens=1_200)
 
-# What an API-key account sees on a 429 (PROTOCOL.md): per-kind limits with
-# RFC 3339 resets, and retry-after in seconds.
+
+def headers(
+    five: float | None = None,
+    seven: float | None = None,
+    *,
+    status: str = "allowed",
+    five_status: str | None = None,
+    seven_status: str | None = None,
+    five_reset: float = FIVE_HOUR_RESET,
+    seven_reset: float = SEVEN_DAY_RESET,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """
+    A subscription response's rate-limit headers (PROTOCOL.md): aggregate
+    status and reset, per-window fields, and the overage headers of an
+    organisation without extra usage.
+    """
+    out = {
+        U + "status": status,
+        U + "reset": str(int(five_reset)),
+        U + "representative-claim": "five_hour",
+        U + "overage-status": "rejected",
+        U + "overage-disabled-reason": "org_level_disabled",
+        U + "fallback": "available",
+        U + "fallback-percentage": "0.5",
+        "content-type": "text/event-stream; charset=utf-8",
+        "request-id": "req_011CRouterTest",
+    }
+    if five is not None or five_status is not None:
+        out[U + "5h-status"] = five_status or ("allowed_warning" if (five or 0) >= 0.9 else "allowed")
+        out[U + "5h-reset"] = str(int(five_reset))
+        if five is not None:
+            out[U + "5h-utilization"] = repr(five)
+    if seven is not None or seven_status is not None:
+        out[U + "7d-status"] = seven_status or "allowed"
+        out[U + "7d-reset"] = str(int(seven_reset))
+        if seven is not None:
+            out[U + "7d-utilization"] = repr(seven)
+    out.update(extra or {})
+    return out
+
+
+def window(name: str, utilization: float, status: str = "allowed") -> dict[str, str]:
+    """The headers of one more weekly window (7d_oi, or a per-model one like 7d_opus)."""
+    return {
+        f"{U}{name}-status": status,
+        f"{U}{name}-utilization": repr(utilization),
+        f"{U}{name}-reset": str(int(SEVEN_DAY_RESET)),
+    }
+
+
+def spent(five_reset: float = FIVE_HOUR_RESET, seven: float = 0.4) -> dict[str, str]:
+    """
+    A quota 429's headers: the 5-hour window rejected at 100%.
+    """
+    return headers(1.0, seven, status="rejected", five_status="rejected", five_reset=five_reset)
+
+
+# A 429 without any rate-limit header: a transient limit on that request.
+BARE_429 = {"content-type": "application/json", "request-id": "req_011CBare429", "x-should-retry": "true"}
+
+# An API key's 429 (PROTOCOL.md): per-kind limits with RFC 3339 resets and
+# retry-after in seconds.
 API_KEY_429 = {
     "anthropic-ratelimit-requests-limit": "50",
     "anthropic-ratelimit-requests-remaining": "0",
@@ -41,25 +149,175 @@ API_KEY_429 = {
     "anthropic-ratelimit-tokens-limit": "40000",
     "anthropic-ratelimit-tokens-remaining": "0",
     "anthropic-ratelimit-tokens-reset": "2025-06-15T15:07:30Z",
+    "retry-after": "20",
     "content-type": "application/json",
     "request-id": "req_011CApiKey429",
 }
 
 
-class RouterHarness(SynchronousTestCase):
+# -- Claude Code 2.1.x shaped request bodies -----------------------------------
+
+
+def _cache(ttl: str) -> dict[str, str]:
+    return {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
+
+
+def body(
+    session: str,
+    messages: list[dict[str, Any]],
+    *,
+    model: str = SONNET,
+    ttl: str = "1h",
+    max_tokens: int = 32000,
+    system: str = "You are Claude Code, Anthropic's official CLI for Claude.",
+    tools: tuple[str, ...] = ("Task", "Bash", "Glob", "Grep", "Read", "Edit", "Write"),
+) -> bytes:
     """
-    A router over a pool from C{make_pool} specs, a L{Clock} set to C{NOW},
-    and every emitted event collected in C{self.events}.
+    A Messages API body in Claude Code's key order: model, messages, system,
+    tools, metadata (user_id as a JSON string), max_tokens, stream.
+    """
+    return json.dumps(
+        {
+            "model": model,
+            "messages": messages,
+            "system": [
+                {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.3; cc_entrypoint=cli"},
+                {"type": "text", "text": system, "cache_control": _cache(ttl)},
+            ],
+            "tools": [{"name": name, "input_schema": {"type": "object"}} for name in tools],
+            "metadata": {
+                "user_id": json.dumps(
+                    {"device_id": "9c2d" * 16, "account_uuid": "1e5b8a90-3f4c-4d2e-b6a7-8c9d0e1f2a3b", "session_id": session}
+                )
+            },
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+    ).encode("utf-8")
+
+
+def _user(text: str, ttl: str | None = None) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "text", "text": text}
+    if ttl is not None:
+        block["cache_control"] = _cache(ttl)
+    return {"role": "user", "content": [block]}
+
+
+HISTORY = [
+    _user("The scheduler test fails on CI; find out why."),
+    {"role": "assistant", "content": [{"type": "text", "text": "Reading tests/test_scheduler.py first."}]},
+]
+
+
+def turn(session: str, *, ttl: str = "1h", model: str = SONNET) -> RequestFacts:
+    """An ordinary main-thread request of a session."""
+    messages = HISTORY + [_user("Run the test again.", ttl)]
+    return inspect_request(MESSAGES, session.encode(), body(session, messages, ttl=ttl, model=model))
+
+
+def compaction(session: str, *, ttl: str = "1h") -> RequestFacts:
+    """Claude Code's auto-compaction request: the history plus the summary instruction."""
+    messages = HISTORY + [_user(SUMMARY_REQUEST, ttl)]
+    return inspect_request(MESSAGES, session.encode(), body(session, messages, ttl=ttl))
+
+
+def landing(session: str, *, ttl: str = "1h") -> RequestFacts:
+    """The first request after a compaction: it opens with the continuation summary."""
+    messages = [_user(CONTINUATION), _user("Please continue.", ttl)]
+    return inspect_request(MESSAGES, session.encode(), body(session, messages, ttl=ttl))
+
+
+def side(session: str, *, continuation: bool = False) -> RequestFacts:
+    """A side request (the quota check: max_tokens 1) sharing the session header."""
+    first = CONTINUATION if continuation else "quota"
+    return inspect_request(MESSAGES, session.encode(), body(session, [_user(first)], model=HAIKU, max_tokens=1))
+
+
+def count_tokens(session: str) -> RequestFacts:
+    """A count_tokens request of the session."""
+    return inspect_request(COUNT_TOKENS, session.encode(), body(session, [_user(CONTINUATION)]))
+
+
+def subagent(session: str) -> RequestFacts:
+    """A subagent's request: same session header, its own prompt, no markers."""
+    messages = [_user("Find every caller of Scheduler.dispatch.", "1h")]
+    return inspect_request(
+        MESSAGES,
+        session.encode(),
+        body(session, messages, system="You are an agent for Claude Code.", tools=("Bash", "Grep", "Read")),
+    )
+
+
+# -- the driver ------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """
+    One scripted upstream answer; C{headers} None means the account's
+    current quota headers (L{RouterCase.quota}).
     """
 
-    def make_router(self, *specs: Any, retry_after_cap: int = 55) -> Router:
+    status: int = 200
+    headers: dict[str, str] | None = None
+    usage: Usage | None = field(default_factory=lambda: TURN_USAGE)
+
+
+@dataclass
+class Outcome:
+    """What one client request went through."""
+
+    exchange: Exchange
+    decisions: list[Decision]
+    verdicts: list[Verdict]
+    status: int | None
+
+    @property
+    def route(self) -> list[tuple[str | None, str]]:
+        return [(d.account.name if d.account else None, d.reason) for d in self.decisions]
+
+    @property
+    def last(self) -> Decision:
+        return self.decisions[-1]
+
+    @property
+    def account(self) -> str | None:
+        return self.last.account.name if self.last.account else None
+
+    @property
+    def reason(self) -> str:
+        return self.last.reason
+
+
+class RouterCase(SynchronousTestCase):
+    """
+    A router over a pool of named accounts, a L{Clock} set to C{NOW}, and
+    every event collected in C{self.events}.
+    """
+
+    def build(
+        self,
+        *specs: str | tuple[str, str] | tuple[str, str, int],
+        policy: str = FULL,
+        retry_after_cap: int = 55,
+        probe_interval: float = 15.0,
+    ) -> Router:
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.pool = make_pool(*specs)
+        self.configs = [config(spec) if isinstance(spec, str) else config(*spec) for spec in specs]
+        self.pool = AccountPool(self.configs, Thresholds(switch=0.98, hard=0.995))
         self.hub = EventHub()
         self.events: list[Event] = []
         self.hub.subscribe(self.events.append)
-        self.router = Router(self.pool, self.clock.seconds, self.hub, retry_after_cap)
+        self.router = Router(
+            self.pool,
+            self.clock.seconds,
+            self.hub,
+            retry_after_cap=retry_after_cap,
+            probe_interval=probe_interval,
+            policy=policy,
+        )
+        self.quota: dict[str, dict[str, str]] = {}
         return self.router
 
     def account(self, name: str) -> Account:
@@ -67,709 +325,1185 @@ class RouterHarness(SynchronousTestCase):
         assert account is not None
         return account
 
-    def respond(
-        self,
-        name: str,
-        status: int,
-        headers: dict[str, str],
-        context: RouteContext = CONTEXT,
-    ) -> bool:
-        report = parse_rate_limit_headers(headers, self.clock.seconds())
-        return self.router.on_response(self.account(name), status, report, context)
+    def learn(self, name: str, quota: dict[str, str]) -> None:
+        """
+        Set what an account's responses say about its quota from now on,
+        and what the router already knows (as if a response had said it).
+        """
+        self.quota[name] = quota
+        self.account(name).observe_quota(parse_rate_limit_headers(quota, self.clock.seconds()), self.clock.seconds())
 
-    def route(self, context: RouteContext = CONTEXT, tried: frozenset[str] = frozenset()) -> Decision:
-        return self.router.route(context, tried)
+    def serve(self, facts: RequestFacts, script: dict[str, list[Reply]] | None = None) -> Outcome:
+        """
+        Run one client request's attempts the way the scheduler does,
+        answering each from C{script} (then 200 with the account's quota).
+        """
+        router = self.router
+        script = {name: list(replies) for name, replies in (script or {}).items()}
+        exchange = router.open(facts)
+        decisions: list[Decision] = []
+        verdicts: list[Verdict] = []
+        status: int | None = None
+        try:
+            for _ in range(12):
+                decision = router.route(exchange)
+                decisions.append(decision)
+                account = decision.account
+                if account is None:
+                    status = 429
+                    break
+                replies = script.get(account.name)
+                reply = replies.pop(0) if replies else Reply()
+                quota = reply.headers if reply.headers is not None else self.quota.get(account.name, {})
+                verdict = router.on_response(
+                    exchange, account, reply.status, parse_rate_limit_headers(quota, self.clock.seconds())
+                )
+                verdicts.append(verdict)
+                if verdict.serve:
+                    status = reply.status
+                    router.on_finished(exchange, account, reply.usage, reply.status < 500)
+                    break
+                if verdict.delay:
+                    self.clock.advance(verdict.delay)
+            else:
+                self.fail(f"no end after 12 attempts: {decisions}")
+        finally:
+            router.close(exchange)
+        return Outcome(exchange, decisions, verdicts, status)
 
-    def routed(self, context: RouteContext = CONTEXT, tried: frozenset[str] = frozenset()) -> tuple[str | None, str]:
-        decision = self.route(context, tried)
-        return (decision.account.name if decision.account else None, decision.reason)
+    def where(self, facts: RequestFacts, script: dict[str, list[Reply]] | None = None) -> tuple[str | None, str]:
+        """The account that served a request and why."""
+        outcome = self.serve(facts, script)
+        return outcome.account, outcome.reason
 
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+    def status(self, name: str) -> str:
+        return self.router.status_of(self.account(name)).value
+
+    def flags(self, name: str) -> list[str]:
+        return self.router.flags_of(self.account(name))
+
+    def emitted(self, kind: str) -> list[dict[str, Any]]:
         return [event.data for event in self.events if event.kind == kind]
 
-
-class PrimaryTests(RouterHarness):
-    def test_first_route_picks_best_ranked(self) -> None:
-        """
-        The first request goes to the best-ranked account, which becomes the
-        primary with reason "primary"; choosing the first primary is not a
-        switch.
-        """
-        self.make_router("a", "b", "c", ("k", "apikey"))
-        self.respond("a", 200, subscription_headers(0.6, 0.1))
-        self.respond("b", 200, subscription_headers(0.2, 0.3))
-        self.respond("c", 200, subscription_headers(0.2, 0.1))
-        self.assertEqual(self.routed(), ("c", "primary"))
-        self.assertEqual(self.router.primary, "c")
-        self.assertEqual(self.router.flags_of(self.account("c")), ["primary"])
-        self.assertEqual(self.router.flags_of(self.account("a")), [])
-        self.assertEqual(self.of_kind(events.SWITCHED), [])
-
-    def test_api_key_is_last_resort(self) -> None:
-        """
-        An API key (default priority 1) is not chosen while a subscription
-        account can serve, even a well-used one.
-        """
-        self.make_router(("k", "apikey"), "a")
-        self.respond("a", 200, subscription_headers(0.97, 0.9))
-        self.assertEqual(self.routed(), ("a", "primary"))
-
-    def test_affinity_to_the_primary(self) -> None:
-        """
-        The primary keeps every request, of any session or model, while it
-        can serve, even when another account has become better ranked.
-        """
-        self.make_router("a", "b")
-        self.assertEqual(self.routed(), ("a", "primary"))
-        for step, five in enumerate([0.3, 0.6, 0.9, 0.97]):
-            self.clock.advance(60)
-            self.respond("a", 200, subscription_headers(five, 0.5))
-            context = RouteContext(session=f"session-{step}", model=[OPUS, SONNET, None][step % 3])
-            self.assertEqual(self.routed(context), ("a", "primary"), five)
-        self.assertEqual(self.pool.ranked(self.clock.seconds())[0].name, "b")
-        self.assertEqual(self.of_kind(events.SWITCHED), [])
-
-    def test_stays_on_new_primary_after_old_recovers(self) -> None:
-        """
-        After a switch the new primary keeps the traffic even once the old
-        primary's window has reset and it ranks better again.
-        """
-        self.make_router("a", "b")
-        self.route()
-        self.respond("a", 200, subscription_headers(0.996, 0.2))
-        self.assertEqual(self.routed(), ("b", "ceiling"))
-        self.respond("b", 200, subscription_headers(0.5, 0.5))
-        self.clock.advance(FIVE_HOUR_RESET - NOW)
-        self.assertTrue(self.pool.serviceable(self.account("a"), self.clock.seconds()))
-        self.assertEqual(self.routed(), ("b", "primary"))
+    def session_account(self, key: str) -> str | None:
+        session = self.router.sessions.get("s:" + key)
+        return session.account if session is not None else None
 
 
-class CeilingTests(RouterHarness):
-    CASES = {
-        "5h at hard threshold": subscription_headers(0.995, 0.4, five_status="allowed_warning"),
-        "5h over 100%": subscription_headers(1.01, 0.4, five_status="allowed_warning"),
-        "7d at hard threshold": subscription_headers(0.2, 0.999, seven_status="allowed_warning"),
-        "7d_oi at hard threshold": subscription_headers(
-            0.2,
-            0.4,
-            extra={
-                U + "7d_oi-status": "allowed_warning",
-                U + "7d_oi-utilization": "0.995",
-                U + "7d_oi-reset": str(int(SEVEN_DAY_RESET)),
-            },
-        ),
-        "rejected, aggregate and per-window": subscription_headers(
-            0.97, 0.4, status="rejected", five_status="rejected"
-        ),
-        # A response may carry only the per-window verdict.
-        "rejected, per-window only": {
-            U + "5h-status": "rejected",
-            U + "5h-reset": str(int(FIVE_HOUR_RESET)),
-            U + "5h-utilization": "0.97",
-        },
-        "rejected, 7d per-window only": {
-            U + "7d-status": "rejected",
-            U + "7d-reset": str(int(SEVEN_DAY_RESET)),
-        },
-        # Overage in use: the request went through on a 200, billed as extra
-        # usage, and only the aggregate status says the windows are spent.
-        "rejected, aggregate only (overage in use)": {
-            U + "status": "rejected",
-            U + "reset": str(int(FIVE_HOUR_RESET)),
-            U + "representative-claim": "five_hour",
-            U + "overage-status": "allowed",
-            U + "overage-reset": str(int(SEVEN_DAY_RESET)),
-        },
-    }
-
-    def test_ceiling_moves_next_request(self) -> None:
-        """
-        When a 200's headers put the primary at the hard threshold or say
-        "rejected" (aggregate only, per-window only, or both), the response
-        is still relayed, an "exhausted" event is emitted, and the next
-        request goes to the next-ranked account with reason "ceiling",
-        emitting one "switched" event; later requests stay there.
-        """
-        for name, headers in self.CASES.items():
-            self.make_router("a", "b", "c")
-            self.respond("c", 200, subscription_headers(0.5, 0.5))
-            self.assertEqual(self.routed(), ("a", "primary"), name)
-            self.assertFalse(self.respond("a", 200, headers), name)
-            self.assertEqual(self.router.status_of(self.account("a")), Status.EXHAUSTED, name)
-            self.assertEqual([e["account"] for e in self.of_kind(events.EXHAUSTED)], ["a"], name)
-            self.assertEqual(self.routed(), ("b", "ceiling"), name)
-            self.assertEqual(
-                self.of_kind(events.SWITCHED),
-                [{"account": "b", "previous": "a", "reason": "ceiling"}],
-                name,
-            )
-            self.assertEqual(self.routed(), ("b", "primary"), name)
-            self.assertEqual(len(self.of_kind(events.SWITCHED)), 1, name)
-
-    def test_aggregate_rejected_on_200_lasts_until_reset(self) -> None:
-        """
-        An aggregate-only "rejected" on a 200 (overage in use) takes the
-        account out until the report's reset, after which it serves again.
-        """
-        self.make_router("a", "b")
-        self.route()
-        self.respond("a", 200, self.CASES["rejected, aggregate only (overage in use)"])
-        self.assertEqual(self.account("a").exhausted_until, FIVE_HOUR_RESET)
-        self.assertFalse(self.pool.serviceable(self.account("a"), FIVE_HOUR_RESET - 1))
-        self.assertTrue(self.pool.serviceable(self.account("a"), FIVE_HOUR_RESET))
-
-    def test_aggregate_rejected_with_per_model_window_stays_scoped(self) -> None:
-        """
-        When a 200's aggregate "rejected" is explained by a rejected
-        per-model window, only that family is taken out: the account keeps
-        serving Sonnet requests while Opus requests move on.
-        """
-        self.make_router("a", "b")
-        self.route()
-        self.respond(
-            "a",
-            200,
-            subscription_headers(
-                0.3,
-                0.4,
-                status="rejected",
-                extra={
-                    U + "representative-claim": "seven_day_opus",
-                    U + "7d_opus-status": "rejected",
-                    U + "7d_opus-reset": str(int(SEVEN_DAY_RESET)),
-                },
-            ),
-            RouteContext("s", OPUS),
-        )
-        self.assertIsNone(self.account("a").exhausted_until)
-        self.assertEqual(self.routed(RouteContext("s", SONNET)), ("a", "primary"))
-        self.assertEqual(self.routed(RouteContext("s", OPUS)), ("b", "ceiling"))
-
-    def test_below_hard_threshold_stays(self) -> None:
-        """
-        Just below the hard threshold, with statuses allowed or
-        allowed_warning and a rejected overage window, the primary keeps
-        serving.
-        """
-        self.make_router("a", "b")
-        self.route()
-        self.respond("a", 200, subscription_headers(0.994, 0.99, five_status="allowed_warning"))
-        self.assertEqual(self.routed(), ("a", "primary"))
-        self.assertEqual(self.of_kind(events.EXHAUSTED), [])
-
-    def test_exhausted_event_only_on_transition(self) -> None:
-        """
-        The "exhausted" event is emitted when an account reaches the ceiling,
-        not again for each later response that finds it there.
-        """
-        self.make_router("a", "b")
-        self.route()
-        self.respond("a", 200, subscription_headers(0.996, 0.2))
-        self.respond("a", 200, subscription_headers(0.998, 0.2))
-        self.assertEqual(len(self.of_kind(events.EXHAUSTED)), 1)
-
-    def test_per_model_window_moves_only_its_family(self) -> None:
-        """
-        A rejected per-model weekly window (7d_opus) leaves the primary
-        serving other families; an Opus request moves with reason "ceiling".
-        """
-        self.make_router("a", "b")
-        self.route()
-        self.respond(
-            "a",
-            200,
-            subscription_headers(
-                0.3,
-                0.4,
-                extra={
-                    U + "7d_opus-status": "rejected",
-                    U + "7d_opus-utilization": "1.0",
-                    U + "7d_opus-reset": str(int(SEVEN_DAY_RESET)),
-                },
-            ),
-        )
-        self.assertEqual(self.routed(RouteContext("s", SONNET)), ("a", "primary"))
-        self.assertEqual(self.routed(RouteContext("s", "claude-3-5-haiku-20241022")), ("a", "primary"))
-        self.assertEqual(self.routed(RouteContext("s", OPUS)), ("b", "ceiling"))
+# -- 1. ranking --------------------------------------------------------------------
 
 
-class Quota429Tests(RouterHarness):
-    def test_quota_429_retries_elsewhere(self) -> None:
+class RankingTests(RouterCase):
+    """
+    DESIGN.md point 1: the first primary (and every successor) is the best
+    by (priority, over switchThreshold, 5h rounded to 0.5%, 7d rounded to
+    0.5%, config order) among serviceable accounts.
+    """
+
+    def first_primary(self, specs: list[Any], quotas: dict[str, dict[str, str]]) -> str | None:
+        self.build(*specs)
+        for name, quota in quotas.items():
+            self.learn(name, quota)
+        return self.serve(turn(X)).account
+
+    def test_ranking_table(self) -> None:
         """
-        A 429 carrying a quota verdict returns True (retry on another
-        account), marks the account exhausted until the report's reset (or
-        60 s when it names none in the future), and the retry goes to the
-        next account with reason "quota-429" and a "switched" event.  The
-        account serves again once that reset has passed.
+        New sessions go to the best-ranked account: lower priority first,
+        then any window at/over the switch threshold last, then 5h and 7d
+        utilization in 0.5% steps (near-equal values tie and config order
+        decides), unknown quota counting as 0%, API keys after every
+        subscription account, and exhausted, throttled or erroring accounts
+        never.
         """
-        cases = [
-            (
-                "5h rejected",
-                subscription_headers(1.0, 0.4, status="rejected", five_status="rejected"),
-                FIVE_HOUR_RESET,
-            ),
-            (
-                "7d rejected, per-window only",
-                {
-                    U + "7d-status": "rejected",
-                    U + "7d-reset": str(int(SEVEN_DAY_RESET)),
-                    U + "7d-utilization": "1.0",
-                    U + "5h-status": "allowed",
-                    U + "5h-reset": str(int(FIVE_HOUR_RESET)),
-                    U + "5h-utilization": "0.2",
-                },
-                SEVEN_DAY_RESET,
-            ),
-            (
-                "aggregate only",
-                {
-                    U + "status": "rejected",
-                    U + "reset": str(int(NOW + 1234)),
-                    U + "representative-claim": "five_hour",
-                    "retry-after": "1234",
-                },
-                NOW + 1234,
-            ),
-            ("rejected without a reset", {U + "status": "rejected"}, NOW + 60),
-            (
-                "rejected with a past reset",
-                {U + "status": "rejected", U + "reset": str(int(NOW - 10))},
-                NOW + 60,
-            ),
+        cases: list[tuple[str, list[Any], dict[str, dict[str, str]], str]] = [
+            ("config order when nothing is known", ["a", "b", "c"], {}, "a"),
+            ("unknown quota counts as 0%", ["a", "b"], {"a": headers(0.05, 0.05)}, "b"),
+            ("priority beats quota", [("a", "oauth", 1), "b"], {"b": headers(0.9, 0.9)}, "b"),
+            ("API keys last", [("key", "apikey"), "a"], {"a": headers(0.9, 0.9)}, "a"),
+            ("least 5h used", ["a", "b"], {"a": headers(0.40, 0.1), "b": headers(0.20, 0.6)}, "b"),
+            ("7d breaks a 5h tie", ["a", "b"], {"a": headers(0.30, 0.5), "b": headers(0.30, 0.2)}, "b"),
+            ("0.5% rounding ties, order decides", ["a", "b"], {"a": headers(0.302, 0.2), "b": headers(0.299, 0.2)}, "a"),
+            ("a full 0.5% step counts", ["a", "b"], {"a": headers(0.304, 0.2), "b": headers(0.298, 0.2)}, "b"),
+            ("7d over switch goes last", ["a", "b"], {"a": headers(0.10, 0.985), "b": headers(0.90, 0.5)}, "b"),
+            ("7d_oi is account-wide", ["a", "b"], {"a": headers(0.1, 0.1, extra=window("7d_oi", 0.99)), "b": headers(0.5, 0.5)}, "b"),
+            ("exhausted never", ["a", "b"], {"a": spent(), "b": headers(0.97, 0.97)}, "b"),
         ]
-        for name, headers, until in cases:
-            self.make_router("a", "b", "c")
-            self.assertEqual(self.routed(), ("a", "primary"), name)
-            self.assertTrue(self.respond("a", 429, headers), name)
-            self.assertEqual(self.account("a").exhausted_until, until, name)
-            self.assertEqual(self.router.status_of(self.account("a")), Status.EXHAUSTED, name)
-            self.assertEqual(self.routed(tried=frozenset({"a"})), ("b", "quota-429"), name)
-            self.assertEqual(
-                self.of_kind(events.SWITCHED),
-                [{"account": "b", "previous": "a", "reason": "quota-429"}],
-                name,
-            )
-            self.assertEqual([e["account"] for e in self.of_kind(events.EXHAUSTED)], ["a"], name)
-            self.assertFalse(self.pool.serviceable(self.account("a"), until - 1), name)
-            self.assertTrue(self.pool.serviceable(self.account("a"), until), name)
+        for label, specs, quotas, expected in cases:
+            self.assertEqual(self.first_primary(specs, quotas), expected, label)
 
-    def test_429_at_known_ceiling_is_a_quota_429(self) -> None:
+    def test_throttled_and_error_accounts_are_not_ranked(self) -> None:
         """
-        A 429 without headers on an account already known to be at the hard
-        threshold is taken as a quota verdict, not a transient limit.
+        A throttled account and one with a credential error are left out of
+        the ranking even when they have the most quota.
         """
-        self.make_router("a", "b")
-        self.route()
-        self.respond("a", 200, subscription_headers(0.999, 0.2))
-        self.assertTrue(self.respond("a", 429, {"x-should-retry": "true"}))
-        self.assertEqual(self.account("a").exhausted_until, NOW + 60)
+        self.build("a", "b", "c")
+        self.learn("c", headers(0.6, 0.6))
+        self.account("a").throttled_until = NOW + 30
+        self.account("b").error = "the OAuth token was rejected (401)"
+        self.assertEqual(self.where(turn(X)), ("c", PRIMARY))
 
-    def test_route_never_returns_tried(self) -> None:
+    def test_per_model_window_counts_for_its_family_only(self) -> None:
         """
-        route(tried=...) never returns an account already tried for this
-        request, and with every serviceable account tried it answers that
-        all are exhausted.
+        A per-model weekly window (7d_opus) counts only for requests of that
+        family: opus requests leave an account whose opus window is spent
+        and rank others by their opus windows too, while sonnet and haiku
+        requests stay on it and nothing arms; a request whose family can't
+        be told counts every window.
         """
-        cases = [
-            (frozenset(), "a"),
-            (frozenset({"a"}), "b"),
-            (frozenset({"a", "b"}), "c"),
-            (frozenset({"b"}), "a"),
-            (frozenset({"b", "c"}), "a"),
-            (frozenset({"a", "c"}), "b"),
-            (frozenset({"a", "b", "c"}), None),
-        ]
-        for tried, expected in cases:
-            self.make_router("a", "b", "c")
-            self.route()
-            decision = self.route(tried=tried)
-            self.assertEqual(decision.account.name if decision.account else None, expected, tried)
-            if expected is None:
-                self.assertEqual(decision.reason, "exhausted")
-
-    def test_each_account_tried_once_per_request(self) -> None:
-        """
-        A request whose every attempt draws a quota 429 visits each account
-        exactly once, then gets the all-exhausted decision.
-        """
-        self.make_router("a", "b", "c")
-        tried: set[str] = set()
-        visited = []
-        while True:
-            decision = self.route(tried=frozenset(tried))
-            if decision.account is None:
-                break
-            visited.append(decision.account.name)
-            retry = self.respond(
-                decision.account.name,
-                429,
-                subscription_headers(1.0, 0.3, status="rejected", five_status="rejected"),
-            )
-            self.assertTrue(retry)
-            tried.add(decision.account.name)
-        self.assertEqual(visited, ["a", "b", "c"])
-        self.assertEqual(decision.reason, "exhausted")
-
-    def test_bare_429_on_oauth_is_transient(self) -> None:
-        """
-        A 429 on a subscription account without a quota verdict (no
-        headers, x-should-retry, or allowed statuses below the ceiling) is
-        relayed: on_response returns False and the account keeps serving.
-        """
-        cases = [
-            {},
-            {"x-should-retry": "true"},
-            {"x-should-retry": "true", "retry-after": "3"},
-            subscription_headers(0.5, 0.3),
-            subscription_headers(0.97, 0.3, five_status="allowed_warning"),
-        ]
-        for headers in cases:
-            self.make_router("a", "b")
-            self.route()
-            self.assertFalse(self.respond("a", 429, headers), headers)
-            self.assertIsNone(self.account("a").exhausted_until, headers)
-            self.assertIsNone(self.account("a").throttled_until, headers)
-            self.assertEqual(self.router.status_of(self.account("a")), Status.ACTIVE, headers)
-            self.assertEqual(self.routed(), ("a", "primary"), headers)
-            self.assertEqual(self.of_kind(events.EXHAUSTED) + self.of_kind(events.THROTTLED), [], headers)
+        self.build("a", "b", "c")
+        self.learn("a", headers(0.2, 0.2, extra=window("7d_opus", 1.0, "rejected")))
+        self.learn("b", headers(0.3, 0.1, extra=window("7d_opus", 0.985)))
+        self.learn("c", headers(0.5, 0.5))
+        self.assertEqual(self.where(turn(X, model=SONNET)), ("a", PRIMARY))
+        self.assertEqual(self.where(turn(Y, model=HAIKU)), ("a", PRIMARY))
+        # b's opus window is over the switch threshold: for opus it ranks last.
+        self.assertEqual(self.where(turn(Z, model=OPUS)), ("c", PRIMARY))
+        self.assertEqual(self.where(turn(W, model="some-unnamed-model")), ("c", PRIMARY))
+        self.assertEqual(self.router.primary, "a")
+        self.assertEqual(self.emitted(events.ARMED), [])
+        self.assertNotIn(self.status("a"), ("armed", "draining"))
 
 
-class ApiKeyTests(RouterHarness):
-    def test_api_key_429_throttles(self) -> None:
-        """
-        A 429 on an API key throttles it until its retry-after (2 s when
-        absent) and returns True; the retry goes to the other key, and the
-        throttled key serves again once the wait is over.
-        """
-        cases = [
-            (dict(API_KEY_429, **{"retry-after": "30"}), 30.0),
-            (dict(API_KEY_429, **{"retry-after": "7.5"}), 7.5),
-            (API_KEY_429, 2.0),
-            ({}, 2.0),
-        ]
-        for headers, wait in cases:
-            self.make_router(("k1", "apikey"), ("k2", "apikey"))
-            self.assertEqual(self.routed(), ("k1", "primary"))
-            self.assertTrue(self.respond("k1", 429, headers), headers)
-            key = self.account("k1")
-            self.assertEqual(key.throttled_until, NOW + wait, headers)
-            self.assertIsNone(key.exhausted_until, headers)
-            self.assertEqual(self.router.status_of(key), Status.THROTTLED, headers)
-            self.assertEqual(
-                self.of_kind(events.THROTTLED), [{"account": "k1", "until": NOW + wait}], headers
-            )
-            self.assertEqual(self.routed(tried=frozenset({"k1"})), ("k2", "quota-429"), headers)
-            self.clock.advance(wait)
-            self.assertEqual(self.router.status_of(key), Status.ACTIVE, headers)
-
-    def test_api_key_401_is_an_error(self) -> None:
-        """
-        A 401 on an API key marks the account in error (status "error", an
-        "account-error" event naming no secret), returns True, and no later
-        request is routed to it.
-        """
-        self.make_router("sub", ("k1", "apikey"), ("k2", "apikey"))
-        self.account("sub").error = "token revoked"
-        self.assertEqual(self.routed(), ("k1", "primary"))
-        self.assertTrue(self.respond("k1", 401, {"request-id": "req_011C401"}))
-        key = self.account("k1")
-        self.assertIsNotNone(key.error)
-        self.assertEqual(self.router.status_of(key), Status.ERROR)
-        (error,) = self.of_kind(events.ACCOUNT_ERROR)
-        self.assertEqual(error["account"], "k1")
-        self.assertNotIn("sk-ant-api03-k1", error["message"])
-        self.assertEqual(self.routed(tried=frozenset({"k1"})), ("k2", "quota-429"))
-        self.clock.advance(HOUR)
-        self.assertEqual(self.routed(), ("k2", "primary"))
+# -- 2. primary and affinity ----------------------------------------------------------
 
 
-class AllExhaustedTests(RouterHarness):
-    def exhaust(self, name: str, reset: float) -> None:
-        headers = subscription_headers(
-            1.0, 0.5, status="rejected", five_status="rejected", five_reset=reset
-        )
-        self.assertTrue(self.respond(name, 429, headers))
+class PrimaryTests(RouterCase):
+    """
+    DESIGN.md point 2 and PRODUCT.md "stay on one account": new sessions go
+    to the warm primary, and a session stays where its cache is.
+    """
 
-    def test_retry_after_from_soonest_reset(self) -> None:
+    def test_new_sessions_go_to_the_primary(self) -> None:
         """
-        With every account at the ceiling the decision has no account,
-        reason "exhausted", the soonest known reset, and retry_after = the
-        seconds to it, rounded up so the client does not come back before
-        it, clamped to [1, retry_after_cap].
+        Every new session starts on the primary, not on the account with
+        the most quota left; later requests say affinity.
         """
-        cases = [
-            # (resets after NOW, clock offset, cap, retry_after)
-            ((10, 300), 0, 55, 10),
-            ((300, 10), 0, 55, 10),
-            ((11, 300), 0.6, 55, 11),  # 10.4 s left
-            ((1, 300), 0.5, 55, 1),  # 0.5 s left: at least 1
-            ((2, 300), 1.9, 55, 1),
-            ((3600, 7200), 0, 55, 55),
-            ((100, 200), 0, 30, 30),
-            ((55, 200), 0, 55, 55),
-        ]
-        for resets, offset, cap, expected in cases:
-            self.make_router("a", "b", retry_after_cap=cap)
-            for name, after in zip(("a", "b"), resets):
-                self.exhaust(name, NOW + after)
-            self.clock.advance(offset)
-            decision = self.route()
-            label = (resets, offset, cap)
-            self.assertIsNone(decision.account, label)
-            self.assertEqual(decision.reason, "exhausted", label)
-            self.assertEqual(decision.reset, NOW + min(resets), label)
-            self.assertEqual(decision.retry_after, expected, label)
-            self.assertIsInstance(decision.retry_after, int)
-
-    def test_retry_after_cap_when_no_reset_known(self) -> None:
-        """
-        When no reset is known (accounts at the hard threshold without reset
-        headers, or all in error) retry_after is retry_after_cap and there
-        is no reset.
-        """
-        self.make_router("a", "b", retry_after_cap=42)
-        for name in ("a", "b"):
-            self.respond(name, 200, {U + "5h-status": "allowed_warning", U + "5h-utilization": "1.0"})
-        self.assertEqual(self.route(), Decision(None, "exhausted", retry_after=42, reset=None))
-
-        self.make_router("a", ("k", "apikey"))
-        self.account("a").error = "refresh token revoked"
-        self.account("k").error = "401"
-        self.assertEqual(self.route(), Decision(None, "exhausted", retry_after=55, reset=None))
-
-    def test_error_accounts_resets_ignored(self) -> None:
-        """
-        An account in error never comes back by itself, so its resets do
-        not count toward the soonest reset.
-        """
-        self.make_router("a", "b")
-        self.respond("a", 200, subscription_headers(0.2, 0.2, five_reset=NOW + 5))
-        self.account("a").error = "401"
-        self.exhaust("b", NOW + 40)
-        decision = self.route()
-        self.assertEqual((decision.account, decision.retry_after, decision.reset), (None, 40, NOW + 40))
-
-    def test_throttle_counts_as_a_reset(self) -> None:
-        """
-        A throttled API key's retry-after deadline is a known reset.
-        """
-        self.make_router(("k", "apikey"))
-        self.route()
-        self.respond("k", 429, dict(API_KEY_429, **{"retry-after": "12"}))
-        decision = self.route()
-        self.assertEqual((decision.account, decision.reason, decision.retry_after), (None, "exhausted", 12))
-
-
-class UsageTests(RouterHarness):
-    def test_on_finished_accumulates(self) -> None:
-        """
-        on_finished adds each exchange to the account's totals (requests,
-        failures, tokens), counts cold rebuilds (cache creation above both
-        the cache read and 1000 tokens) and records when it was last used.
-        """
-        self.make_router("a", "b")
-        a = self.account("a")
-        exchanges = [
-            (Usage(input_tokens=12, output_tokens=87, cache_read_input_tokens=30000, cache_creation_input_tokens=2048), True),
-            (Usage(input_tokens=3, output_tokens=400, cache_creation_input_tokens=45000, cache_creation_1h=45000), True),
-            (Usage(input_tokens=1, output_tokens=1, cache_creation_input_tokens=999), True),
-            (None, False),
-        ]
-        for usage, ok in exchanges:
-            self.clock.advance(5)
-            self.router.on_finished(a, usage, ok, CONTEXT)
-        self.assertEqual(
-            a.usage.to_json(),
-            {
-                "requests": 4,
-                "failures": 1,
-                "coldRebuilds": 1,
-                "inputTokens": 16,
-                "outputTokens": 488,
-                "cacheReadTokens": 30000,
-                "cacheCreationTokens": 2048 + 45000 + 999,
-            },
-        )
-        self.assertEqual(a.last_used, NOW + 20)
-        self.assertEqual(self.account("b").usage.requests, 0)
-        self.assertIsNone(self.account("b").last_used)
-
-
-class SessionTests(RouterHarness):
-    def test_tracked_sessions_evicts_idle(self) -> None:
-        """
-        Routed sessions are counted until idle more than 2 hours; a request
-        refreshes its session, and requests without a session are not
-        counted.
-        """
-        self.make_router("a")
-        self.route(RouteContext("s1", SONNET))
-        self.route(RouteContext(None, SONNET))
-        self.clock.advance(HOUR)
-        self.route(RouteContext("s2", OPUS))
-        self.route(RouteContext("s3", OPUS))
-        self.assertEqual(self.router.tracked_sessions(), 3)
-        self.clock.advance(HOUR)  # s1 idle exactly 2 h
-        self.assertEqual(self.router.tracked_sessions(), 3)
-        self.clock.advance(1)
+        self.build("a", "b")
+        self.learn("a", headers(0.7, 0.5))
+        self.assertEqual(self.where(turn(X)), ("b", PRIMARY))
+        self.learn("b", headers(0.8, 0.6))
+        self.assertEqual(self.where(turn(Y)), ("b", PRIMARY))
+        self.assertEqual(self.where(turn(X)), ("b", AFFINITY))
+        self.assertEqual(self.flags("b"), ["primary"])
+        self.assertEqual(self.flags("a"), [])
         self.assertEqual(self.router.tracked_sessions(), 2)
-        self.route(RouteContext("s2", OPUS))
-        self.clock.advance(HOUR)
-        self.assertEqual(self.router.tracked_sessions(), 1)
-        self.assertEqual(list(self.router.sessions), ["s2"])
 
-
-class PersistenceTests(RouterHarness):
-    def build_state(self) -> dict[str, Any]:
+    def test_affinity_keeps_a_session_on_its_account(self) -> None:
         """
-        A saved state after some traffic: "a" was exhausted by a quota 429,
-        "b" became the primary and served a few requests.
+        A session stays on the account it started on while that account
+        can serve, even after the primary has moved on: every kind of
+        request of it (turns, subagents, side requests) says affinity.
         """
-        self.make_router("a", "b", ("k", "apikey"))
-        self.route()
-        self.respond("a", 429, subscription_headers(1.0, 0.6, status="rejected", five_status="rejected"))
-        self.route(tried=frozenset({"a"}))
-        self.respond(
-            "b",
-            200,
-            subscription_headers(
-                0.31,
-                0.2,
-                extra={U + "7d_oi-utilization": "0.05", U + "7d_oi-reset": str(int(SEVEN_DAY_RESET))},
-            ),
-        )
-        self.router.on_finished(
-            self.account("b"),
-            Usage(input_tokens=3, output_tokens=50, cache_creation_input_tokens=40000),
-            True,
-            CONTEXT,
-        )
-        self.router.on_finished(self.account("b"), Usage(output_tokens=9, cache_read_input_tokens=40000), True, CONTEXT)
+        self.build("a", "b")
+        self.learn("b", headers(0.5, 0.3))
+        self.serve(turn(X))
+        self.learn("a", headers(0.981, 0.3))
+        self.serve(turn(X))
         self.assertEqual(self.router.primary, "b")
-        # What the store writes and reads back.
-        return json.loads(json.dumps(self.router.to_state()))
+        for facts in (turn(X), subagent(X), side(X), count_tokens(X), turn(X)):
+            self.assertEqual(self.where(facts), ("a", AFFINITY))
+        self.assertEqual(self.emitted(events.SWITCHED), [])
 
-    def restart(self, elapsed: float) -> None:
+    def test_request_without_session_goes_to_primary(self) -> None:
         """
-        A fresh router over the same accounts, C{elapsed} seconds later.
+        A request with no session key (not a Messages call) is served by
+        the primary and tracks no session; retried elsewhere, its decision
+        says why.
         """
-        self.make_router("a", "b", ("k", "apikey"))
-        self.clock.advance(elapsed)
+        self.build("a", "b")
+        facts = inspect_request(b"/v1/models", None, b"")
+        self.assertIsNone(facts.session_key)
+        self.assertEqual(self.where(facts), ("a", PRIMARY))
+        self.assertEqual(self.router.tracked_sessions(), 0)
+        outcome = self.serve(facts, {"a": [Reply(429, spent())]})
+        self.assertEqual(outcome.route, [("a", PRIMARY), ("b", QUOTA_429)])
 
-    def test_round_trip(self) -> None:
+
+# -- 3. arming --------------------------------------------------------------------------
+
+
+class ArmingTests(RouterCase):
+    """
+    DESIGN.md point 3: at switchThreshold the primary arms; one successor
+    becomes primary at once and the old primary drains.
+    """
+
+    def test_arming_picks_one_successor(self) -> None:
         """
-        to_state then restore brings back every account's quota windows,
-        deadlines and usage totals and the primary; the restored router
-        routes to the saved primary without a switch.
+        The primary answering at 98% arms: the best-ranked other account
+        becomes the successor and the primary for new sessions at once; the
+        old one is draining; one armed event names both.
         """
-        state = self.build_state()
-        self.assertEqual(state["savedAt"], NOW)
-        self.restart(120)
-        self.router.restore(state)
-        again = self.router.to_state()
-        self.assertEqual(again["accounts"], state["accounts"])
-        self.assertEqual(again["primary"], "b")
+        self.build("a", "b", "c")
+        self.learn("b", headers(0.4, 0.2))
+        self.serve(turn(X))
+        self.quota["a"] = headers(0.98, 0.5)
+        self.serve(turn(X))
+        self.assertEqual(self.emitted(events.ARMED), [{"account": "a", "successor": "c"}])
+        self.assertEqual(self.router.primary, "c")
+        self.assertEqual(self.status("a"), "draining")
+        self.assertEqual(self.flags("a"), [])
+        self.assertEqual(self.status("c"), "active")
+        self.assertEqual(self.flags("c"), ["primary", "successor"])
+        self.assertEqual(self.where(turn(NEW)), ("c", PRIMARY))
+
+    def test_armed_without_successor(self) -> None:
+        """
+        With no other serviceable account the primary stays armed without a
+        successor and keeps every session until the ceiling.
+        """
+        self.build("a", "b")
+        self.learn("b", spent())
+        self.serve(turn(X))
+        self.quota["a"] = headers(0.985, 0.5)
+        self.serve(turn(X))
+        self.assertEqual(self.status("a"), "armed")
+        self.assertEqual(self.flags("a"), ["primary"])
+        self.assertEqual(self.where(landing(X)), ("a", AFFINITY))
+        self.assertEqual(self.where(turn(NEW)), ("a", PRIMARY))
+
+    def test_three_sessions_migrate_to_one_successor(self) -> None:
+        """
+        Three sessions on the armed account land, one by one at their own
+        compactions, all on the one successor, even when another account
+        ranks better by then: traffic moves forward together, not scattered.
+        """
+        self.build("a", "b", "c")
+        for key in (X, Y, Z):
+            self.serve(turn(key))
+        self.quota["a"] = headers(0.98, 0.5)
+        self.serve(turn(X))
+        self.assertEqual(self.router.successor, "b")
+        for key in (X, Y, Z):
+            self.assertEqual(self.where(compaction(key)), ("a", AFFINITY))
+            self.assertEqual(self.where(landing(key)), ("b", LANDED_AFTER_COMPACTION))
+            # b fills while c stays unused: c now ranks better than b.
+            self.learn("b", headers(0.4, 0.3))
+        self.assertEqual(
+            [(e["session"], e["previous"], e["account"], e["reason"]) for e in self.emitted(events.SWITCHED)],
+            [("s:" + key, "a", "b", LANDED_AFTER_COMPACTION) for key in (X, Y, Z)],
+        )
+        self.assertEqual(self.account("c").usage.requests, 0)
+
+
+# -- 4. landing ------------------------------------------------------------------------------
+
+
+class LandingTests(RouterCase):
+    """
+    DESIGN.md point 4 and "Compaction detection": a session leaves a
+    draining account at its cheap moment, never at its compaction.
+    """
+
+    def armed(self, *names: str) -> None:
+        """a is draining towards b with sessions X and Y on it."""
+        self.build(*names)
+        self.serve(turn(X))
+        self.serve(turn(Y, ttl="5m"))
+        self.quota["a"] = headers(0.98, 0.5, five_reset=NOW + 600)
+        self.serve(turn(X))
+        self.assertEqual(self.status("a"), "draining")
+
+    def test_lands_after_compaction_not_on_it(self) -> None:
+        """
+        The compaction request and its retry stay on the warm draining
+        account (a compaction-detected event each); the first
+        post-compaction request lands on the successor with
+        landed-after-compaction, a switched event saying so.
+        """
+        self.armed("a", "b")
+        self.assertEqual(self.where(compaction(X)), ("a", AFFINITY))
+        self.assertEqual(self.where(compaction(X)), ("a", AFFINITY))
+        self.assertEqual(self.emitted(events.COMPACTION), [{"session": "s:" + X, "account": "a"}] * 2)
+        self.assertEqual(self.where(landing(X)), ("b", LANDED_AFTER_COMPACTION))
+        self.assertEqual(
+            self.emitted(events.SWITCHED),
+            [{"account": "b", "previous": "a", "reason": LANDED_AFTER_COMPACTION, "session": "s:" + X}],
+        )
+        self.assertEqual(self.where(turn(X)), ("b", AFFINITY))
+
+    def test_compaction_retried_after_transient_429_stays(self) -> None:
+        """
+        A compaction request retried within the same exchange (after a
+        transient 429) is retried on the same warm account.
+        """
+        self.armed("a", "b")
+        outcome = self.serve(compaction(X), {"a": [Reply(429, BARE_429)]})
+        self.assertEqual(outcome.route, [("a", AFFINITY), ("a", RETRY_TRANSIENT)])
+        self.assertEqual(self.where(landing(X)), ("b", LANDED_AFTER_COMPACTION))
+
+    def test_side_and_subagent_requests_never_land(self) -> None:
+        """
+        After a compaction, the session's subagent requests (no markers),
+        its side requests (max_tokens 1, even one opening with the
+        continuation text) and count_tokens stay on the draining account;
+        the pending landing waits for the main thread's continuation.
+        """
+        self.armed("a", "b")
+        self.serve(compaction(X))
+        for facts in (subagent(X), side(X), side(X, continuation=True), count_tokens(X), subagent(X)):
+            self.assertEqual(self.where(facts), ("a", AFFINITY))
+        self.assertEqual(self.where(landing(X)), ("b", LANDED_AFTER_COMPACTION))
+
+    def test_continuation_without_compaction_is_not_a_landing(self) -> None:
+        """
+        A request that merely opens with the continuation text (say, after
+        --continue) is no cheap moment unless its session compacted first.
+        """
+        self.armed("a", "b")
+        self.assertEqual(self.where(landing(X)), ("a", AFFINITY))
+
+    def test_idle_past_ttl_moves_at_next_request(self) -> None:
+        """
+        A session idle longer than the cache TTL read from its requests is
+        cold everywhere and moves at its next request with ttl-expired: 5
+        minutes for a session without the 1h TTL, an hour for one with it.
+        """
+        self.armed("a", "b")
+        self.clock.advance(301)
+        self.assertEqual(self.where(turn(Y, ttl="5m")), ("b", TTL_EXPIRED))
+        self.assertEqual(self.where(turn(X)), ("a", AFFINITY))
+        self.clock.advance(3601)
+        self.assertEqual(self.where(turn(X)), ("b", TTL_EXPIRED))
+
+    def test_successor_fills_mid_migration(self) -> None:
+        """
+        When the successor itself arms before everyone landed, a new
+        successor is ranked; sessions not yet landed go straight to it, and
+        the ones on the first successor follow at their own cheap moment.
+        """
+        self.armed("a", "b", "c")
+        self.serve(compaction(X))
+        self.assertEqual(self.where(landing(X)), ("b", LANDED_AFTER_COMPACTION))
+        self.quota["b"] = headers(0.98, 0.4)
+        self.serve(turn(X))
+        self.assertEqual(self.emitted(events.ARMED), [{"account": "a", "successor": "b"}, {"account": "b", "successor": "c"}])
+        self.assertEqual((self.status("a"), self.status("b")), ("draining", "draining"))
+        self.assertEqual(self.flags("c"), ["primary", "successor"])
+        self.serve(compaction(Y, ttl="5m"))
+        self.assertEqual(self.where(landing(Y, ttl="5m")), ("c", LANDED_AFTER_COMPACTION))
+        self.serve(compaction(X))
+        self.assertEqual(self.where(landing(X)), ("c", LANDED_AFTER_COMPACTION))
+
+    def test_draining_stops_when_old_window_resets(self) -> None:
+        """
+        When the draining account's window resets below the threshold,
+        draining stops: its sessions stay (even at their cheap moment), the
+        successor stays primary and loses its successor flag.
+        """
+        self.armed("a", "b")
+        self.clock.advance(601)
+        self.quota["a"] = headers(0.02, 0.5, five_reset=NOW + 601 + 5 * HOUR)
+        self.router.expire()
+        self.assertEqual(self.status("a"), "active")
+        self.assertEqual(self.flags("b"), ["primary"])
+        self.assertIsNone(self.router.successor)
+        self.serve(compaction(X))
+        self.assertEqual(self.where(landing(X)), ("a", AFFINITY))
+        self.assertEqual(self.where(turn(NEW)), ("b", PRIMARY))
+
+
+# -- 5. forecast ----------------------------------------------------------------------------------
+
+
+# Each request burns 10k quota tokens (input + cache writes + output).
+CYCLE_USAGE = Usage(input_tokens=1_000, output_tokens=5_000, cache_read_input_tokens=40_000, cache_creation_input_tokens=4_000)
+
+
+class ForecastTests(RouterCase):
+    """
+    DESIGN.md point 5: at a cheap moment on a not-yet-armed primary, a
+    session moves early when the account's headroom (window size estimated
+    from its burn and utilization) cannot hold the sessions' next cycle.
+    """
+
+    def crowded(self, policy: str = FULL, utilization: float = 0.90) -> None:
+        """
+        a at C{utilization} of its 5h window, three sessions on it that
+        each burnt 10k in their cycle so far.
+        """
+        self.build("a", "b", "c", policy=policy)
+        self.quota["a"] = headers(utilization, 0.3)
+        for key in (X, Y, Z):
+            self.serve(turn(key), {"a": [Reply(usage=CYCLE_USAGE)]})
+
+    def test_lands_early_without_arming(self) -> None:
+        """
+        At 90% with 40k burnt, a's window holds ~44k tokens: ~4k of
+        headroom against 30k of cycles.  X moves at its landing with
+        landed-early; a arms nothing, stays primary and keeps new sessions.
+        """
+        self.crowded()
+        account = self.account("a")
+        self.serve(compaction(X), {"a": [Reply(usage=CYCLE_USAGE)]})
+        self.assertAlmostEqual(account.window_size("5h", self.clock.seconds()), 40_000 / 0.9)
+        self.assertEqual(self.where(landing(X)), ("b", LANDED_EARLY))
+        self.assertEqual(self.emitted(events.SWITCHED)[-1]["reason"], LANDED_EARLY)
+        self.assertEqual(self.emitted(events.ARMED), [])
+        self.assertEqual(self.router.primary, "a")
+        self.assertEqual(self.status("a"), "active")
+        self.assertEqual(self.flags("b"), [])
+        self.assertEqual(self.where(turn(NEW)), ("a", PRIMARY))
+
+    def test_forecast_gathers_sessions_on_one_account(self) -> None:
+        """
+        Sessions moved early all go to the same would-be successor, even
+        once another account ranks better; when the account finally arms,
+        that account is the successor and the last session follows it.
+        """
+        self.crowded()
+        for key in (X, Y):
+            self.serve(compaction(key), {"a": [Reply(usage=CYCLE_USAGE)]})
+            self.assertEqual(self.where(landing(key)), ("b", LANDED_EARLY))
+            # c now ranks better than b.
+            self.learn("b", headers(0.4, 0.3))
+        self.quota["a"] = headers(0.98, 0.3)
+        self.serve(turn(Z))
+        self.assertEqual(self.emitted(events.ARMED), [{"account": "a", "successor": "b"}])
+        self.serve(compaction(Z))
+        self.assertEqual(self.where(landing(Z)), ("b", LANDED_AFTER_COMPACTION))
+        self.assertEqual(self.account("c").usage.requests, 0)
+
+    def test_room_enough_stays(self) -> None:
+        """
+        With headroom for the sessions' next cycles (30% used) the landing
+        moment passes without a move.
+        """
+        self.crowded(utilization=0.30)
+        self.serve(compaction(X), {"a": [Reply(usage=CYCLE_USAGE)]})
+        self.assertEqual(self.where(landing(X)), ("a", AFFINITY))
+
+    def test_arming_policy_has_no_forecast(self) -> None:
+        """
+        The ARMING policy is the same without the forecast: the crowded
+        account keeps its sessions until it arms.
+        """
+        self.crowded(policy=ARMING)
+        self.serve(compaction(X), {"a": [Reply(usage=CYCLE_USAGE)]})
+        self.assertEqual(self.where(landing(X)), ("a", AFFINITY))
+        self.assertEqual(self.emitted(events.SWITCHED), [])
+
+    def test_no_forecast_away_from_cheap_moments(self) -> None:
+        """
+        The forecast moves sessions only at a cheap moment: ordinary turns
+        on the crowded account stay.
+        """
+        self.crowded()
+        self.assertEqual(self.where(turn(X)), ("a", AFFINITY))
+
+
+# -- 6. ceiling -------------------------------------------------------------------------------
+
+
+class CeilingTests(RouterCase):
+    """
+    DESIGN.md point 6: at the hard threshold, on a rejected status or a
+    quota 429 the account is exhausted and sessions move at once.
+    """
+
+    def test_ceiling_table(self) -> None:
+        """
+        The hard threshold, a rejected aggregate status (overage in use on a
+        200), and a rejected window each exhaust the account (one exhausted
+        event); the session's next request moves with reason ceiling.
+        """
+        overage = {U + "overage-status": "allowed"}
+        cases = {
+            "hard threshold": headers(0.995, 0.5),
+            "over 100%": headers(1.01, 0.5, five_status="allowed_warning"),
+            "rejected aggregate, overage in use": headers(0.97, 0.5, status="rejected", extra=overage),
+            "rejected 5h window": headers(0.9, 0.5, five_status="rejected"),
+            "rejected 7d window": headers(0.5, 0.99, status="rejected", seven_status="rejected"),
+        }
+        for label, quota in cases.items():
+            self.build("a", "b")
+            self.serve(turn(X))
+            self.quota["a"] = quota
+            self.assertEqual(self.serve(turn(X)).status, 200, label)
+            self.assertEqual(self.status("a"), "exhausted", label)
+            self.assertEqual([e["account"] for e in self.emitted(events.EXHAUSTED)], ["a"], label)
+            self.assertEqual(self.where(turn(X)), ("b", CEILING), label)
+            self.assertEqual(self.where(turn(NEW)), ("b", PRIMARY), label)
+
+    def test_quota_429_retried_at_once_elsewhere(self) -> None:
+        """
+        A quota 429 (rejected headers) exhausts the account and the request
+        is retried at once (no delay) on the successor with quota-429; the
+        session stays there.
+        """
+        self.build("a", "b", "c")
+        self.serve(turn(X))
+        outcome = self.serve(turn(X), {"a": [Reply(429, spent())]})
+        self.assertEqual(outcome.route, [("a", AFFINITY), ("b", QUOTA_429)])
+        self.assertEqual(outcome.verdicts[0], Verdict(serve=False))
+        self.assertEqual(outcome.status, 200)
+        self.assertEqual(self.status("a"), "exhausted")
         self.assertEqual(self.account("a").exhausted_until, FIVE_HOUR_RESET)
-        self.assertEqual(self.account("b").utilization("5h", NOW + 120), 0.31)
-        self.assertEqual(self.account("b").usage.cold_rebuilds, 1)
-        self.assertEqual(self.account("b").usage.tokens.output_tokens, 59)
-        self.assertEqual(self.routed(), ("b", "primary"))
-        self.assertEqual(self.of_kind(events.SWITCHED), [])
+        self.assertEqual(self.where(turn(X)), ("b", AFFINITY))
 
-    def test_primary_kept_only_within_cache_ttl(self) -> None:
+    def test_each_account_at_most_once_per_request(self) -> None:
         """
-        The saved primary is kept only when the restart comes within 3600 s
-        of savedAt (not from a savedAt in the future); quota and usage come
-        back either way.
+        When every account answers a quota 429 the request tries each one
+        once and then gets the synthetic 429.
         """
-        cases = [(0, "b"), (1, "b"), (3599, "b"), (3601, None), (7 * HOUR, None), (-10, None)]
-        for elapsed, expected in cases:
-            state = self.build_state()
-            self.restart(elapsed)
-            self.router.restore(state)
-            self.assertEqual(self.router.primary, expected, elapsed)
-            self.assertEqual(self.account("b").usage.requests, 2, elapsed)
+        self.build("a", "b", "c")
+        outcome = self.serve(turn(X), {name: [Reply(429, spent())] for name in "abc"})
+        self.assertEqual([name for name, _ in outcome.route], ["a", "b", "c", None])
+        self.assertEqual(outcome.reason, EXHAUSTED)
+        self.assertEqual(outcome.status, 429)
 
-    def test_primary_dropped_when_not_serviceable(self) -> None:
+    def test_per_window_only_429(self) -> None:
         """
-        A saved primary that cannot serve after the restart (at the ceiling
-        in its saved quota, or exhausted) is not kept; the first request
-        then picks the best-ranked account as a new primary, not a switch.
+        A 429 carrying only the per-window rejection (no aggregate status)
+        is a quota 429 too, not a transient one.
         """
-        for window in ("5h", "7d"):
-            state = self.build_state()
-            state["accounts"]["b"]["windows"][window] = {
-                "utilization": 1.0,
-                "reset": SEVEN_DAY_RESET,
-                "status": "rejected",
-            }
-            self.restart(60)
-            self.router.restore(state)
-            self.assertIsNone(self.router.primary, window)
-            self.assertEqual(self.routed(), ("k", "primary"), window)
-            self.assertEqual(self.of_kind(events.SWITCHED), [], window)
+        self.build("a", "b")
+        quota = {U + "5h-status": "rejected", U + "5h-utilization": "1.0", U + "5h-reset": str(int(NOW + 900))}
+        outcome = self.serve(turn(X), {"a": [Reply(429, quota)]})
+        self.assertEqual(outcome.route, [("a", PRIMARY), ("b", QUOTA_429)])
+        self.assertEqual(self.account("a").exhausted_until, NOW + 900)
 
-        state = self.build_state()
-        state["accounts"]["b"]["exhaustedUntil"] = NOW + 600
-        self.restart(60)
-        self.router.restore(state)
-        self.assertIsNone(self.router.primary)
 
-    def test_restore_ignores_malformed_state(self) -> None:
+# -- 7. forward only -------------------------------------------------------------------------
+
+
+class ForwardOnlyTests(RouterCase):
+    """
+    DESIGN.md point 7: a session never drifts back to an account it left
+    within its cache TTL, unless nothing else can serve.
+    """
+
+    def moved(self, *names: str) -> None:
+        """X left a for b (a manual pin, then unpinned) and b is now spent."""
+        self.build(*names)
+        self.serve(turn(X))
+        self.router.pin("b")
+        self.assertEqual(self.where(turn(X)), ("b", MANUAL))
+        self.router.pin(None)
+        self.clock.advance(1800)
+        self.assertEqual(self.where(turn(X)), ("b", AFFINITY))
+
+    def test_left_account_is_excluded(self) -> None:
         """
-        restore skips whatever is malformed without raising: missing or
-        wrongly typed sections, unknown accounts, a primary that is not a
-        configured name, and a savedAt that is not a number.
+        b's quota 429 sends the session forward to c, not back to a (the
+        new primary, but left within the TTL).
+        """
+        self.moved("a", "b", "c")
+        outcome = self.serve(turn(X), {"b": [Reply(429, spent())]})
+        self.assertEqual(self.router.primary, "a")
+        self.assertEqual(outcome.route, [("b", AFFINITY), ("c", QUOTA_429)])
+
+    def test_waived_when_nothing_else_can_serve(self) -> None:
+        """
+        With no other account serviceable, the exclusion gives way and the
+        reason says forward-only-waived.
+        """
+        self.moved("a", "b", "c")
+        self.learn("c", spent())
+        outcome = self.serve(turn(X), {"b": [Reply(429, spent())]})
+        self.assertEqual(outcome.route, [("b", AFFINITY), ("a", FORWARD_ONLY_WAIVED)])
+
+    def test_exclusion_lapses_after_ttl(self) -> None:
+        """
+        Once the session's TTL has passed since it left, the left account is
+        as good as any other.
+        """
+        self.moved("a", "b", "c")
+        self.clock.advance(1801)
+        outcome = self.serve(turn(X), {"b": [Reply(429, spent())]})
+        self.assertEqual(outcome.route, [("b", AFFINITY), ("a", QUOTA_429)])
+
+
+# -- 8. manual pin ---------------------------------------------------------------------------
+
+
+class ManualPinTests(RouterCase):
+    """
+    DESIGN.md point 8 and PRODUCT.md point 4: the manual pin.
+    """
+
+    def test_pin_moves_every_session_and_new_ones(self) -> None:
+        """
+        Pinning moves each session on its next request (reason manual, a
+        switched event), starts new sessions there, and flags the pin.
+        """
+        self.build("a", "b")
+        self.serve(turn(X))
+        self.serve(turn(Y))
+        self.router.pin("b")
+        self.assertEqual(self.emitted(events.PIN_CHANGED), [{"account": "b"}])
+        self.assertEqual(self.flags("b"), ["primary", "manual"])
+        self.assertEqual(self.where(turn(X)), ("b", MANUAL))
+        self.assertEqual(self.where(turn(NEW)), ("b", MANUAL))
+        self.assertEqual(self.where(subagent(Y)), ("b", MANUAL))
+        self.assertEqual(self.where(turn(X)), ("b", AFFINITY))
+        self.assertEqual([e["reason"] for e in self.emitted(events.SWITCHED)], [MANUAL, MANUAL])
+
+    def test_pin_arms_spills_and_comes_back(self) -> None:
+        """
+        The pin arms like any primary and spills to a successor; when its
+        window resets it is primary again, and sessions return at their next
+        cheap moment (not at ordinary requests).
+        """
+        self.build("a", "b", "c")
+        self.learn("a", headers(0.5, 0.2))
+        self.learn("b", headers(0.6, 0.2))
+        self.learn("c", headers(0.7, 0.2))
+        self.assertEqual(self.where(turn(X)), ("a", PRIMARY))
+        self.router.pin("b")
+        self.assertEqual(self.where(turn(X)), ("b", MANUAL))
+        self.learn("c", headers(0.1, 0.1))
+        reset = NOW + 1.5 * HOUR
+        self.quota["b"] = headers(0.98, 0.3, five_reset=reset)
+        self.serve(turn(X))
+        self.assertEqual(self.emitted(events.ARMED), [{"account": "b", "successor": "c"}])
+        self.assertEqual(self.status("b"), "draining")
+        self.assertEqual(self.flags("b"), ["manual"])
+        self.assertEqual(self.where(turn(NEW)), ("c", PRIMARY))
+        self.serve(compaction(X))
+        self.assertEqual(self.where(landing(X)), ("c", LANDED_AFTER_COMPACTION))
+        self.clock.advance(HOUR)
+        self.assertEqual(self.where(turn(X)), ("c", AFFINITY))
+        self.clock.advance(reset - self.clock.seconds() + 1)
+        self.quota["b"] = headers(0.01, 0.3, five_reset=reset + 5 * HOUR)
+        self.router.expire()
+        self.assertEqual(self.router.primary, "b")
+        self.assertEqual(self.flags("b"), ["primary", "manual"])
+        self.assertEqual(self.where(turn(X)), ("c", AFFINITY))
+        self.assertEqual(self.where(compaction(X)), ("c", AFFINITY))
+        self.assertEqual(self.where(landing(X)), ("b", LANDED_AFTER_COMPACTION))
+        self.assertEqual(self.where(turn(OTHER)), ("b", MANUAL))
+
+    def test_pin_none_clears(self) -> None:
+        """
+        pin(None) clears the pin (an event with no account): sessions not yet
+        moved stay, and new sessions go to the primary.
+        """
+        self.build("a", "b")
+        self.serve(turn(X))
+        self.router.pin("b")
+        self.router.pin(None)
+        self.assertEqual(self.emitted(events.PIN_CHANGED), [{"account": "b"}, {"account": None}])
+        self.assertIsNone(self.router.manual)
+        self.assertEqual(self.flags("b"), ["primary"])
+        self.assertEqual(self.where(turn(X)), ("a", AFFINITY))
+        self.assertEqual(self.where(turn(NEW)), ("b", PRIMARY))
+
+    def test_pin_unknown_account(self) -> None:
+        """Pinning an account the pool does not have raises KeyError."""
+        self.build("a")
+        self.assertRaises(KeyError, self.router.pin, "nobody")
+        self.assertIsNone(self.router.manual)
+
+    def test_forget_clears_pin_and_session_pins(self) -> None:
+        """
+        Removing the pinned account clears the pin and the primary; its
+        sessions start over on the new primary.
+        """
+        self.build("a", "b")
+        self.router.pin("b")
+        self.assertEqual(self.where(turn(X)), ("b", MANUAL))
+        del self.pool.accounts["b"]
+        self.router.forget("b")
+        self.assertIsNone(self.router.manual)
+        self.assertEqual(self.emitted(events.PIN_CHANGED)[-1], {"account": None})
+        self.assertIsNone(self.session_account(X))
+        self.assertEqual(self.where(turn(X)), ("a", PRIMARY))
+
+
+# -- 9. all exhausted --------------------------------------------------------------------------
+
+
+class ProbeTests(RouterCase):
+    """
+    DESIGN.md point 9 and PRODUCT.md point 5: one probe sweep at a time,
+    else a prompt synthetic 429.
+    """
+
+    def test_sweep_order_and_first_recovered_serves(self) -> None:
+        """
+        The sweep probes with the real request, soonest reset first,
+        skipping an account out of weekly quota and one with dead
+        credentials; the first non-429 answer serves and its account is
+        recovered.
+        """
+        self.build("a", "b", "c", "d", "e")
+        self.learn("a", spent(five_reset=NOW + 3 * HOUR))
+        self.learn("b", spent(five_reset=NOW + HOUR))
+        self.learn("c", headers(0.3, 1.0, status="rejected", seven_status="rejected", five_reset=NOW + 600))
+        self.learn("d", spent(five_reset=NOW + 300))
+        self.account("d").error = "the OAuth token was rejected (401)"
+        self.learn("e", spent(five_reset=NOW + 2 * HOUR))
+        self.quota["e"] = headers(0.05, 0.4, five_reset=NOW + 5 * HOUR)
+        outcome = self.serve(turn(X), {"b": [Reply(429, spent(five_reset=NOW + HOUR))]})
+        self.assertEqual(outcome.route, [("b", PROBE), ("e", PROBE)])
+        self.assertTrue(all(d.probe for d in outcome.decisions))
+        self.assertEqual(outcome.status, 200)
+        self.assertEqual([e["account"] for e in self.emitted(events.PROBE)], ["b", "e"])
+        self.assertEqual(self.emitted(events.RECOVERED), [{"account": "e"}])
+        self.assertEqual(self.status("e"), "active")
+        self.assertEqual(self.where(turn(Y)), ("e", PRIMARY))
+
+    def test_sweep_serves_first_non_429(self) -> None:
+        """A probe answered 529 is served: only a 429 sends the sweep on."""
+        self.build("a", "b")
+        self.learn("a", spent(five_reset=NOW + HOUR))
+        self.learn("b", spent(five_reset=NOW + 2 * HOUR))
+        outcome = self.serve(turn(X), {"a": [Reply(529, {}, None)]})
+        self.assertEqual(outcome.route, [("a", PROBE)])
+        self.assertEqual(outcome.status, 529)
+
+    def test_throttled_during_and_after_sweep(self) -> None:
+        """
+        Requests during a sweep, and within probeInterval after it, get no
+        account at once: retry-after is the time to the soonest reset; after
+        the interval the next request sweeps again.
+        """
+        self.build("a", "b")
+        self.learn("a", spent(five_reset=NOW + 40))
+        self.learn("b", spent(five_reset=NOW + 2 * HOUR))
+        sweeping = self.router.open(turn(X))
+        self.assertEqual(self.router.route(sweeping).account, self.account("a"))
+        during = self.serve(turn(Y))
+        self.assertEqual(during.route, [(None, EXHAUSTED)])
+        self.assertEqual((during.last.retry_after, during.last.reset), (40, NOW + 40))
+        self.router.close(sweeping)
+        self.clock.advance(14)
+        self.assertEqual(self.serve(turn(Y)).last.retry_after, 26)
+        self.clock.advance(1)
+        self.assertEqual(self.serve(turn(Y), {n: [Reply(429, spent())] for n in "ab"}).route[0], ("a", PROBE))
+
+    def test_retry_after_is_clamped(self) -> None:
+        """
+        The synthetic 429's retry-after is the seconds to the soonest known
+        reset (rounded up), clamped to [1, retryAfterCap], and the cap when
+        no reset is known.
+        """
+        no_reset = {U + "status": "rejected", U + "5h-status": "rejected", U + "5h-utilization": "1.0"}
+        # (reset, seconds passed since it was learnt, cap, retry-after)
+        cases = [
+            (NOW + 1, 0.6, 55, 1),
+            (NOW + 8, 0.8, 55, 8),
+            (NOW + 3 * HOUR, 0, 55, 55),
+            (NOW + 3 * HOUR, 0, 30, 30),
+            (None, 0, 55, 55),
+        ]
+        for reset, passed, cap, expected in cases:
+            self.build("a", retry_after_cap=cap)
+            self.learn("a", spent(five_reset=reset) if reset is not None else no_reset)
+            self.clock.advance(passed)
+            sweeping = self.router.open(turn(X))
+            self.router.route(sweeping)
+            decision = self.serve(turn(Y)).last
+            self.assertEqual((decision.account, decision.retry_after), (None, expected), (reset, cap))
+            self.router.close(sweeping)
+
+    def test_reset_is_when_an_account_is_back(self) -> None:
+        """
+        The synthetic 429 names when an account can serve again: an account
+        out of weekly quota is not back at its 5-hour reset, so the sooner
+        5-hour reset of another account is what the client is told.
+        """
+        self.build("a", "b")
+        self.learn("a", headers(0.3, 1.0, status="rejected", seven_status="rejected", five_reset=NOW + 10))
+        self.learn("b", spent(five_reset=NOW + HOUR))
+        sweeping = self.router.open(turn(X))
+        self.assertEqual(self.router.route(sweeping).account, self.account("b"))
+        decision = self.serve(turn(Y)).last
+        self.assertEqual((decision.account, decision.retry_after, decision.reset), (None, 55, NOW + HOUR))
+        self.router.close(sweeping)
+
+    def test_no_candidates_rejects_at_once(self) -> None:
+        """
+        With every account dead or out of weekly quota there is nothing to
+        probe: the client gets the synthetic 429 at once.
+        """
+        self.build("a", "b")
+        self.account("a").error = "the API key was rejected (401)"
+        self.learn("b", headers(0.2, 1.0, status="rejected", seven_status="rejected"))
+        outcome = self.serve(turn(X))
+        self.assertEqual(outcome.route, [(None, EXHAUSTED)])
+        self.assertEqual(self.emitted(events.PROBE), [])
+
+
+# -- 10. errors --------------------------------------------------------------------------------
+
+
+class ErrorTests(RouterCase):
+    """
+    DESIGN.md point 10: 401, 403, transient 429 and 5xx.
+    """
+
+    def test_401_on_api_key(self) -> None:
+        """
+        A 401 on an API key marks it error (an account-error event) and the
+        request goes on to the next account with retry-401.
+        """
+        self.build(("key", "apikey", 0), ("spare", "apikey", 1))
+        self.serve(turn(X))
+        outcome = self.serve(turn(X), {"key": [Reply(401, {})]})
+        self.assertEqual(outcome.route, [("key", AFFINITY), ("spare", RETRY_401)])
+        self.assertEqual(self.status("key"), "error")
+        self.assertIn("API key", self.account("key").error or "")
+        self.assertEqual([e["account"] for e in self.emitted(events.ACCOUNT_ERROR)], ["key"])
+
+    def test_401_on_oauth_refreshes_once(self) -> None:
+        """
+        A 401 on an OAuth account that can refresh asks for one refresh and
+        a retry on the same account; a second 401 marks it error and moves
+        on; without a refresh possibility it is an error at once.
+        """
+        self.build("a", "b")
+        self.router.can_refresh = lambda account: True
+        outcome = self.serve(turn(X), {"a": [Reply(401, {})]})
+        self.assertEqual(outcome.route, [("a", PRIMARY), ("a", RETRY_401)])
+        self.assertEqual(outcome.verdicts[0], Verdict(serve=False, refresh=True))
+        self.assertEqual(self.status("a"), "active")
+        outcome = self.serve(turn(X), {"a": [Reply(401, {}), Reply(401, {})]})
+        self.assertEqual(outcome.route, [("a", AFFINITY), ("a", RETRY_401), ("b", RETRY_401)])
+        self.assertEqual(self.status("a"), "error")
+        self.build("a", "b")
+        outcome = self.serve(turn(X), {"a": [Reply(401, {})]})
+        self.assertEqual(outcome.route, [("a", PRIMARY), ("b", RETRY_401)])
+
+    def test_403_blames_first_when_other_succeeds(self) -> None:
+        """
+        A 403 is retried on one other account; when that succeeds the first
+        account is marked error.
+        """
+        self.build("a", "b")
+        self.serve(turn(X))
+        outcome = self.serve(turn(X), {"a": [Reply(403, {})]})
+        self.assertEqual(outcome.route, [("a", AFFINITY), ("b", RETRY_403)])
+        self.assertEqual(outcome.status, 200)
+        self.assertEqual(self.status("a"), "error")
+        self.assertEqual(self.status("b"), "active")
+
+    def test_403_twice_is_served_unblamed(self) -> None:
+        """
+        A 403 from the second account too is returned to the client and no
+        account is blamed; a 403 with no other account is returned at once.
+        """
+        self.build("a", "b", "c")
+        outcome = self.serve(turn(X), {"a": [Reply(403, {})], "b": [Reply(403, {})]})
+        self.assertEqual(outcome.route, [("a", PRIMARY), ("b", RETRY_403)])
+        self.assertEqual(outcome.status, 403)
+        self.assertEqual([self.status(n) for n in "abc"], ["active"] * 3)
+        self.assertEqual(self.emitted(events.ACCOUNT_ERROR), [])
+        self.build("a")
+        outcome = self.serve(turn(X), {"a": [Reply(403, {})]})
+        self.assertEqual((outcome.route, outcome.status), ([("a", PRIMARY)], 403))
+        self.assertEqual(self.status("a"), "active")
+
+    def test_transient_429_on_oauth_waits_and_retries_same(self) -> None:
+        """
+        A 429 without a quota verdict on a subscription account waits
+        min(retry-after or 2 s, 10 s) and retries the same account, at most
+        twice; then the account is throttled until its retry-after and the
+        request moves on.
         """
         cases = [
-            {},
-            {"accounts": None},
-            {"accounts": []},
-            {"accounts": "a"},
-            {"accounts": {"a": 5, "b": None, "ghost": {"windows": {}}}},
-            {"accounts": {"a": {"windows": {"5h": {"utilization": "x", "reset": "y"}}, "usage": 3}}},
-            {"accounts": {"a": {"windows": None, "exhaustedUntil": "later"}}},
-            {"primary": ["a"], "savedAt": NOW},
-            {"primary": {"name": "a"}, "savedAt": NOW},
-            {"primary": "ghost", "savedAt": NOW},
-            {"primary": "a", "savedAt": "2025-06-15T15:00:00Z"},
-            {"primary": "a", "savedAt": None},
-            {"primary": "a"},
-            {"primary": "a", "savedAt": float("nan")},
-            {"primary": None, "savedAt": NOW},
-            {"primary": "a", "savedAt": True},
+            ({}, [2.0, 2.0], 2.0),
+            ({"retry-after": "5"}, [5.0, 5.0], 5.0),
+            ({"retry-after": "30"}, [10.0, 10.0], 30.0),
+            (headers(0.5, 0.3), [2.0, 2.0], 2.0),
         ]
-        for state in cases:
-            self.make_router("a", "b")
-            self.router.restore(state)
-            self.assertIsNone(self.router.primary, state)
-            self.assertIsNone(self.account("a").exhausted_until, state)
-            self.assertEqual(self.routed(), ("a", "primary"), state)
+        for extra, delays, throttle in cases:
+            self.build("a", "b")
+            quota = {**BARE_429, **extra}
+            outcome = self.serve(turn(X), {"a": [Reply(429, quota)] * 3})
+            self.assertEqual(
+                outcome.route,
+                [("a", PRIMARY), ("a", RETRY_TRANSIENT), ("a", RETRY_TRANSIENT), ("b", RETRY_TRANSIENT)],
+                extra,
+            )
+            self.assertEqual([v.delay for v in outcome.verdicts[:3]], delays + [0.0], extra)
+            now = self.clock.seconds()
+            self.assertEqual(self.emitted(events.THROTTLED), [{"account": "a", "until": now + throttle}], extra)
+            self.assertEqual(self.status("a"), "throttled", extra)
 
-    def test_saved_at_is_the_clock(self) -> None:
+    def test_transient_429_recovers_on_retry(self) -> None:
         """
-        to_state stamps savedAt from the injected clock.
+        One transient 429 then a 200 on the warm account: served there,
+        nothing throttled.
         """
-        self.make_router("a")
-        self.clock.advance(12.5)
-        self.assertEqual(self.router.to_state()["savedAt"], NOW + 12.5)
+        self.build("a", "b")
+        outcome = self.serve(turn(X), {"a": [Reply(429, BARE_429)]})
+        self.assertEqual(outcome.route, [("a", PRIMARY), ("a", RETRY_TRANSIENT)])
+        self.assertEqual(self.clock.seconds(), NOW + 2)
+        self.assertEqual(self.status("a"), "active")
+
+    def test_transient_429_on_api_key_moves_at_once(self) -> None:
+        """
+        On an API key a 429 throttles the key until its retry-after and the
+        request moves on at once.
+        """
+        self.build(("k1", "apikey"), ("k2", "apikey"))
+        outcome = self.serve(turn(X), {"k1": [Reply(429, API_KEY_429)]})
+        self.assertEqual(outcome.route, [("k1", PRIMARY), ("k2", RETRY_TRANSIENT)])
+        self.assertEqual(outcome.verdicts[0].delay, 0.0)
+        self.assertEqual(self.account("k1").throttled_until, NOW + 20)
+        self.assertEqual(self.status("k1"), "throttled")
+
+    def test_5xx_and_529_are_served_and_counted(self) -> None:
+        """
+        529 and 5xx answers pass through (Claude Code retries them), count
+        as failures, and neither move the session nor mark the account.
+        """
+        self.build("a", "b")
+        for code in (529, 500, 503):
+            outcome = self.serve(turn(X), {"a": [Reply(code, {}, None)]})
+            self.assertEqual((outcome.account, outcome.status), ("a", code))
+        usage = self.account("a").usage
+        self.assertEqual((usage.requests, usage.failures), (3, 3))
+        self.assertEqual(self.status("a"), "active")
+        self.assertEqual(self.where(turn(X)), ("a", AFFINITY))
+
+    def test_connection_failure_retries_once(self) -> None:
+        """
+        on_unreachable allows one retry on the same account (retry-connect),
+        then refuses.
+        """
+        self.build("a", "b")
+        exchange = self.router.open(turn(X))
+        first = self.router.route(exchange)
+        self.assertTrue(self.router.on_unreachable(exchange, first.account))
+        again = self.router.route(exchange)
+        self.assertEqual((again.account.name, again.reason), ("a", "retry-connect"))
+        self.assertFalse(self.router.on_unreachable(exchange, again.account))
+        self.router.close(exchange)
 
 
-class ViewTests(RouterHarness):
-    def test_status_of_follows_the_clock(self) -> None:
-        """
-        status_of reads the injected clock: an exhausted account becomes
-        active again when its reset passes.
-        """
-        self.make_router("a", "b")
-        self.respond("a", 429, subscription_headers(1.0, 0.2, status="rejected", five_status="rejected"))
-        self.assertEqual(self.router.status_of(self.account("a")), Status.EXHAUSTED)
-        self.assertEqual(self.router.status_of(self.account("b")), Status.ACTIVE)
-        self.clock.advance(FIVE_HOUR_RESET - NOW)
-        self.assertEqual(self.router.status_of(self.account("a")), Status.ACTIVE)
+# Upstream answers a property test draws from.
+ANSWERS = {
+    "ok": lambda: Reply(200, headers(0.5, 0.3)),
+    "quota-429": lambda: Reply(429, spent()),
+    "bare-429": lambda: Reply(429, BARE_429, None),
+    "401": lambda: Reply(401, {}, None),
+    "403": lambda: Reply(403, {}, None),
+    "529": lambda: Reply(529, {}, None),
+}
+STATES = {
+    "unknown": {},
+    "fresh": headers(0.1, 0.1),
+    "armed": headers(0.985, 0.5),
+    "spent": spent(),
+    "weekly out": headers(0.2, 1.0, status="rejected", seven_status="rejected"),
+}
 
-    def test_report_type(self) -> None:
+
+class AttemptPropertyTests(RouterCase):
+    """
+    Whatever the accounts' quota and the upstream's answers, a request's
+    attempts end, and an account is tried in one run of attempts at most.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        states=st.lists(st.sampled_from(sorted(STATES)), min_size=3, max_size=3),
+        answers=st.lists(st.lists(st.sampled_from(sorted(ANSWERS)), max_size=4), min_size=3, max_size=3),
+        refresh=st.booleans(),
+        established=st.booleans(),
+    )
+    def test_each_account_in_one_run_of_attempts(
+        self, states: list[str], answers: list[list[str]], refresh: bool, established: bool
+    ) -> None:
         """
-        The reports fed to the router are the parser's QuotaReport values.
+        The attempts of one request visit each account in one consecutive
+        run (same-account retries: at most one after a refresh and two
+        after transient 429s), never come back to an account once they left
+        it, and end served or with the synthetic 429.
         """
-        self.assertIsInstance(parse_rate_limit_headers(subscription_headers(0.1, 0.1)), QuotaReport)
+        self.build("a", "b", "c")
+        self.router.can_refresh = lambda account: refresh
+        if established:
+            self.serve(turn(X))
+        for name, state in zip("abc", states):
+            self.learn(name, STATES[state])
+        script = {name: [ANSWERS[kind]() for kind in kinds] for name, kinds in zip("abc", answers)}
+        outcome = self.serve(turn(X), script)
+        names = [name for name, _ in outcome.route]
+        runs: list[str | None] = []
+        for name in names:
+            if not runs or runs[-1] != name:
+                self.assertNotIn(name, runs, outcome.route)
+                runs.append(name)
+        for name in "abc":
+            # The first try, one refresh retry, two transient retries.
+            self.assertLessEqual(names.count(name), 4, outcome.route)
+        if outcome.account is None:
+            self.assertEqual(outcome.reason, EXHAUSTED)
+            self.assertGreaterEqual(outcome.last.retry_after, 1)
+            self.assertLessEqual(outcome.last.retry_after, 55)
+        else:
+            self.assertIsNotNone(outcome.status)
+
+
+# -- restart and expiry ---------------------------------------------------------------------------
+
+
+class RestartTests(RouterCase):
+    """
+    PRODUCT.md point 6: state saved and restored across a restart.
+    """
+
+    def restart(self, after: float, state: dict[str, Any] | None = None) -> None:
+        saved = json.loads(json.dumps(state if state is not None else self.router.to_state()))
+        old_clock = self.clock
+        self.build(*self.configs_names)
+        self.clock.advance(old_clock.seconds() - NOW + after)
+        self.router.restore(saved)
+
+    def build(self, *specs: Any, **kwargs: Any) -> Router:
+        self.configs_names = specs
+        return super().build(*specs, **kwargs)
+
+    def test_restore_keeps_quota_usage_draining_and_sessions(self) -> None:
+        """
+        Quota windows, usage totals, the draining account and its
+        successor, and the session pins survive a restart: a session keeps
+        its account and still lands on the successor after compaction.
+        """
+        self.build("a", "b", "c")
+        self.serve(turn(X))
+        self.quota["a"] = headers(0.98, 0.5)
+        self.serve(turn(X))
+        self.serve(turn(Y))
+        self.restart(600)
+        self.assertEqual(self.account("a").utilization("5h", self.clock.seconds()), 0.98)
+        self.assertEqual(self.account("a").usage.requests, 2)
+        self.assertEqual(self.status("a"), "draining")
+        self.assertEqual(self.flags("b"), ["primary", "successor"])
+        self.assertEqual(self.where(turn(X)), ("a", AFFINITY))
+        self.assertEqual(self.where(turn(Y)), ("b", AFFINITY))
+        self.serve(compaction(X))
+        self.assertEqual(self.where(landing(X)), ("b", LANDED_AFTER_COMPACTION))
+
+    def pinned_then_unpinned(self) -> None:
+        """b is primary (once pinned) though a ranks better."""
+        self.build("a", "b")
+        self.learn("a", headers(0.5, 0.2))
+        self.learn("b", headers(0.6, 0.2))
+        self.router.pin("b")
+        self.router.pin(None)
+        self.assertEqual(self.router.primary, "b")
+
+    def test_primary_kept_within_cache_ttl(self) -> None:
+        """A restart within an hour keeps the saved (warm) primary."""
+        self.pinned_then_unpinned()
+        self.restart(3599)
+        self.assertEqual(self.router.primary, "b")
+        self.assertEqual(self.where(turn(X)), ("b", PRIMARY))
+
+    def test_primary_dropped_after_cache_ttl(self) -> None:
+        """After an hour the saved primary is cold: the best-ranked account is."""
+        self.pinned_then_unpinned()
+        self.restart(3601)
+        self.assertEqual(self.router.primary, "a")
+
+    def test_primary_dropped_when_it_cannot_serve(self) -> None:
+        """A saved primary that cannot serve any more is not kept."""
+        self.pinned_then_unpinned()
+        state = self.router.to_state()
+        state["accounts"]["b"]["exhaustedUntil"] = NOW + HOUR
+        self.restart(60, state)
+        self.assertEqual(self.router.primary, "a")
+
+    def test_manual_pin_survives(self) -> None:
+        """The manual pin is restored: new sessions still start there."""
+        self.build("a", "b")
+        self.router.pin("b")
+        self.restart(7200)
+        self.assertEqual(self.router.manual, "b")
+        self.assertEqual(self.flags("b"), ["primary", "manual"])
+        self.assertEqual(self.where(turn(X)), ("b", MANUAL))
+
+    def test_restore_skips_unknown_accounts(self) -> None:
+        """
+        State naming accounts the pool no longer has is ignored: no pin,
+        no primary, no session pinned to a missing account.
+        """
+        self.build("a", "b")
+        self.router.pin("b")
+        self.assertEqual(self.where(turn(X)), ("b", MANUAL))
+        state = self.router.to_state()
+        self.build("a")
+        self.router.restore(json.loads(json.dumps(state)))
+        self.assertIsNone(self.router.manual)
+        self.assertEqual(self.router.primary, "a")
+        self.assertEqual(self.where(turn(X)), ("a", PRIMARY))
+
+
+class ExpireTests(RouterCase):
+    """
+    Router.expire: windows, exhaustion and throttles whose time passed are
+    forgotten, and the account is announced recovered.
+    """
+
+    def test_exhausted_window_resets(self) -> None:
+        """
+        At its window's reset an exhausted account is forgotten back to
+        active with a recovered event; next_expiry named that moment.
+        """
+        self.build("a", "b")
+        self.learn("a", spent(five_reset=NOW + 600))
+        self.assertEqual(self.router.next_expiry(), NOW + 600)
+        self.assertEqual(self.status("a"), "exhausted")
+        self.clock.advance(600)
+        self.router.expire()
+        self.assertEqual(self.status("a"), "active")
+        self.assertEqual(self.emitted(events.RECOVERED), [{"account": "a"}])
+        self.assertEqual(self.router.next_expiry(), SEVEN_DAY_RESET)
+
+    def test_throttle_ends(self) -> None:
+        """A throttled API key is active again, and recovered, at its retry-after."""
+        self.build(("k1", "apikey"), ("k2", "apikey"))
+        self.serve(turn(X), {"k1": [Reply(429, API_KEY_429)]})
+        self.assertEqual(self.router.next_expiry(), NOW + 20)
+        self.clock.advance(20)
+        self.router.expire()
+        self.assertEqual(self.status("k1"), "active")
+        self.assertEqual(self.emitted(events.RECOVERED), [{"account": "k1"}])
+
+    def test_nothing_passed_nothing_said(self) -> None:
+        """Before any deadline expire changes nothing and emits nothing."""
+        self.build("a")
+        self.learn("a", spent(five_reset=NOW + 600))
+        self.clock.advance(599)
+        self.router.expire()
+        self.assertEqual(self.status("a"), "exhausted")
+        self.assertEqual(self.emitted(events.RECOVERED), [])
+
+
+# -- the naive baseline ---------------------------------------------------------------------
+
+
+class NaivePolicyTests(RouterCase):
+    """
+    The NAIVE policy (the benchmark's baseline): one global account; at the
+    threshold everyone switches to the account with the most 5h left.
+    """
+
+    def test_everyone_switches_at_threshold(self) -> None:
+        """
+        Every session follows the one global account; at the threshold the
+        account with the most 5h left becomes it, and each session switches
+        at its very next request (no waiting for compaction).
+        """
+        self.build("a", "b", "c", policy=NAIVE)
+        self.learn("b", headers(0.5, 0.1))
+        self.learn("c", headers(0.2, 0.9))
+        self.serve(turn(X))
+        self.serve(turn(Y))
+        self.quota["a"] = headers(0.98, 0.3)
+        self.serve(turn(X))
+        self.assertEqual(self.router.primary, "c")
+        self.assertEqual(self.where(turn(Y)), ("c", PRIMARY))
+        self.assertEqual(self.where(turn(X)), ("c", PRIMARY))
+        self.assertEqual(self.where(turn(NEW)), ("c", PRIMARY))
+        self.assertEqual([e["reason"] for e in self.emitted(events.SWITCHED)], [PRIMARY, PRIMARY])
+        self.assertEqual(self.emitted(events.ARMED), [])
+
+    def test_unknown_policy(self) -> None:
+        """An unknown policy name is refused."""
+        self.assertRaises(ValueError, Router, AccountPool([], Thresholds()), Clock().seconds, EventHub(), policy="random")
