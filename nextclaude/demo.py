@@ -130,7 +130,10 @@ class _Printer:
             summary.switches.append((data["previous"], data["account"], data["reason"]))
             self._line(event, f"** session moved {data['previous']} -> {data['account']} ({data['reason']})")
         elif event.kind == events.ARMED:
-            self._line(event, f"** {data['account']} armed: {data['successor']} takes new sessions")
+            if data.get("successor"):
+                self._line(event, f"** {data['account']} armed: {data['successor']} takes new sessions")
+            else:
+                self._line(event, f"** {data['account']} armed, and no other account has room")
         elif event.kind == events.COMPACTION:
             summary.compactions += 1
             self._line(event, f"** compaction detected on {data.get('account')}")

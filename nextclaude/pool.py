@@ -431,7 +431,8 @@ class AccountPool:
         """
         if account.error is not None:
             return Status.ERROR
-        if self.at_ceiling(account, now):
+        # One model's weekly limit does not make the whole account exhausted.
+        if self.at_ceiling(account, now, ACCOUNT_WIDE):
             return Status.EXHAUSTED
         if account.throttled_until is not None and account.throttled_until > now:
             return Status.THROTTLED

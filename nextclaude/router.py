@@ -153,6 +153,8 @@ class Router:
         self._to_manual: set[str] = set()
         self._sweeping = False
         self._last_sweep: float | None = None
+        # Primaries that armed with no successor, announced once.
+        self._armed_alone: set[str] = set()
         # Set by the accounts layer: OAuth accounts get one forced refresh
         # after a 401 before they are blamed.
         self.can_refresh: Callable[[Account], bool] = lambda account: False
@@ -218,7 +220,12 @@ class Router:
             return
         successor = self._pick_successor(primary, now)
         if successor is None:
+            # Armed with nowhere to go: its sessions stay until the ceiling.
+            if primary.name not in self._armed_alone:
+                self._armed_alone.add(primary.name)
+                self._hub.emit(events.ARMED, now, account=primary.name, successor=None)
             return
+        self._armed_alone.discard(primary.name)
         self.draining.add(primary.name)
         self.successor = successor.name
         self._early_target = None
@@ -541,10 +548,12 @@ class Router:
         if status == 429:
             return self._on_429(exchange, account, report, now)
         if exchange.probe_queue is not None:
-            # The sweep found an account that recovered: it serves.
+            # The sweep is over: this answer is served.  Only a success says
+            # the quota came back; a 5xx says nothing about it.
             self._end_sweep(exchange)
-            account.exhausted_until = None
-            self._hub.emit(events.RECOVERED, now, account=account.name)
+            if status < 500:
+                account.exhausted_until = None
+                self._hub.emit(events.RECOVERED, now, account=account.name)
         if status == 401:
             if account.kind != "apikey" and not exchange.refreshed and self.can_refresh(account):
                 exchange.refreshed = True

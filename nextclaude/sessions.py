@@ -394,7 +394,7 @@ class Session:
         return round(sum(self.cycle_costs) / len(self.cycle_costs))
 
     def record_usage(self, uncached_tokens: int) -> None:
-        """Add a response's uncached tokens (input + cache creation) to the current cycle."""
+        """Add a response's quota tokens (input + cache creation + output) to the current cycle."""
         if type(uncached_tokens) is int and uncached_tokens > 0:
             self.cycle_tokens += uncached_tokens
 
