@@ -1,0 +1,125 @@
+"""
+`nextclaude status` as plain text: the status snapshot (nextclaude.status's
+schema) rendered in PRODUCT.md's format.  Pure: the clock is a parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from nextclaude.humanize import duration, tokens
+
+# The windows people know by name come first; any other the headers name
+# (per-model weekly windows, say) follows in name order.
+_WINDOW_ORDER = {"5h": 0, "7d": 1}
+
+
+def hit_percent(usage: Mapping[str, Any]) -> int | None:
+    """
+    Cache hit %: cache read ÷ (cache read + input + cache creation), or
+    None before any input was seen.
+    """
+    read = _count(usage, "cacheReadTokens")
+    total = read + _count(usage, "inputTokens") + _count(usage, "cacheCreationTokens")
+    if total <= 0:
+        return None
+    return round(100 * read / total)
+
+
+def _count(usage: Mapping[str, Any], key: str) -> int:
+    value = usage.get(key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _percent(fraction: float) -> str:
+    # 0.98 -> "98%", 0.975 -> "97.5%".
+    return f"{round(fraction * 100, 1):g}%"
+
+
+def _hit_text(usage: Mapping[str, Any]) -> str:
+    hit = hit_percent(usage)
+    return "–" if hit is None else f"{hit}%"
+
+
+def _status_word(account: Mapping[str, Any], now: float) -> str:
+    status = account.get("status") or "unknown"
+    flags = account.get("flags") or []
+    words = [status]
+    if "successor" in flags:
+        # An active successor is simply "the successor"; any other status stays visible.
+        words = ["successor"] if status == "active" else [status, "successor"]
+    until = account.get("exhaustedUntil") if status == "exhausted" else None
+    if status == "throttled":
+        until = account.get("throttledUntil")
+    if isinstance(until, (int, float)) and until > now:
+        words.append(f"back in {duration(until - now)}")
+    return ", ".join(words)
+
+
+def _window_line(name: str, window: Mapping[str, Any], now: float) -> str:
+    utilization = window.get("utilization")
+    used = f"{round(utilization * 100)}%" if isinstance(utilization, (int, float)) else "?%"
+    line = f"  {name}: {used} used"
+    reset = window.get("reset")
+    if isinstance(reset, (int, float)):
+        line += f" (resets in {duration(reset - now)})"
+    if window.get("status") == "rejected":
+        line += " · rejected"
+    return line
+
+
+def _account_lines(account: Mapping[str, Any], primary: str | None, now: float) -> list[str]:
+    name = account.get("name", "?")
+    flags = account.get("flags") or []
+    marker = "> " if name == primary else "  "
+    header = f"{marker}{name} ({account.get('tier') or '?'}, {_status_word(account, now)})"
+    if "manual" in flags:
+        header += " ★ manual"
+    lines = [header]
+    if account.get("error"):
+        lines.append(f"  error: {account['error']}")
+    windows = account.get("windows") or {}
+    for window_name in sorted(windows, key=lambda w: (_WINDOW_ORDER.get(w, 2), w)):
+        lines.append(_window_line(window_name, windows[window_name], now))
+    usage = account.get("usage") or {}
+    lines.append(
+        f"  cache: {_hit_text(usage)} hit · {tokens(_count(usage, 'cacheReadTokens'))} read · "
+        f"✎{tokens(_count(usage, 'cacheCreationTokens'))} rebuilt ({_count(usage, 'coldRebuilds')} cold)"
+    )
+    requests = f"{_count(usage, 'requests')} requests"
+    failures = _count(usage, "failures")
+    if failures:
+        requests += f" ({failures} failed)"
+    lines.append(
+        f"  tokens: ↑{tokens(_count(usage, 'inputTokens'))} in · ↓{tokens(_count(usage, 'outputTokens'))} out · "
+        + requests
+    )
+    return lines
+
+
+def render_status(snapshot: Mapping[str, Any], now: float) -> str:
+    """
+    The snapshot as PRODUCT.md's `nextclaude status` text: a header, the
+    C{Active:} line with the totals, then one block per account (C{>} marks
+    the primary, C{★ manual} the pin).  Countdowns count from C{now}.
+    """
+    accounts = snapshot.get("accounts") or []
+    started = snapshot.get("startedAt")
+    uptime = now - started if isinstance(started, (int, float)) else snapshot.get("uptime") or 0
+    primary = snapshot.get("primary")
+    totals = snapshot.get("totals") or {}
+    lines = [
+        f"NextClaude {snapshot.get('version', '?')} · {len(accounts)} account(s) · "
+        f"{snapshot.get('sessions', 0)} session(s) · up {duration(uptime)}"
+    ]
+    active = [primary or "none yet"]
+    threshold = snapshot.get("switchThreshold")
+    if isinstance(threshold, (int, float)):
+        active.append(f"switch at {_percent(threshold)}")
+    active.append(f"cache hit {_hit_text(totals)} overall")
+    active.append(f"↑{tokens(_count(totals, 'inputTokens'))} ↓{tokens(_count(totals, 'outputTokens'))}")
+    active.append(f"{_count(totals, 'requests')} reqs")
+    lines.append("Active: " + " · ".join(active))
+    for account in accounts:
+        lines.extend(_account_lines(account, primary, now))
+    return "\n".join(lines)
