@@ -27,7 +27,9 @@ def _server(args: argparse.Namespace) -> int:
         port = tap.check_port(args.port) if args.port is not None else None
         host = tap.check_host(args.host) if args.host is not None else None
         upstream = tap.check_upstream(args.upstream) if args.upstream is not None else None
-        config = tap.load_proxy_config(args.config, port=port, host=host, upstream=upstream)
+        config = tap.load_proxy_config(args.config, port=port, host=host, upstream=upstream, log_to=args.log_to)
+        if args.log_bodies and config.log_dir is None:
+            raise UsageError("--log-bodies needs a request log: give --log-to DIR or set logDir.")
     except UsageError as error:
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1
@@ -35,7 +37,7 @@ def _server(args: argparse.Namespace) -> int:
     # --no-console keeps these plain log lines; without it the console
     # (once it exists) takes over a terminal.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = ProxyService(reactor, config)
+    service = ProxyService(reactor, config, log_bodies=args.log_bodies)
     try:
         service.privilegedStartService()
     except CannotListenError:
@@ -227,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", "-p", help="port to listen on (overrides proxy.port; 0 picks a free one)")
     server.add_argument("--host", help="interface to listen on (overrides proxy.host)")
     server.add_argument("--upstream", metavar="URL", help="upstream API base URL (overrides upstream)")
+    server.add_argument(
+        "--log-to", metavar="DIR", help="append one JSON line per request to a daily file in DIR (overrides logDir)"
+    )
+    server.add_argument(
+        "--log-bodies", action="store_true", help="with a request log, also keep every request's and response's body"
+    )
     server.add_argument("--no-console", action="store_true", help="plain log lines instead of the live console")
     server.set_defaults(handler=_server)
 

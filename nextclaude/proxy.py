@@ -30,6 +30,7 @@ from nextclaude import events
 from nextclaude.config import Config
 from nextclaude.events import EventHub
 from nextclaude.pool import Account
+from nextclaude.requestlog import RequestLog, masked_headers
 from nextclaude.router import Decision, Router
 from nextclaude.scheduler import Scheduler
 from nextclaude.sessions import RequestFacts, inspect_request
@@ -335,6 +336,7 @@ class ProxyResource(Resource):
         upstream: UpstreamService,
         hub: EventHub,
         status: Callable[[], dict[str, Any]],
+        recorder: RequestLog | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -344,6 +346,7 @@ class ProxyResource(Resource):
         self._upstream = upstream
         self._hub = hub
         self._status = status
+        self._recorder = recorder
         self._next_id = 0
 
     def render(self, request: Request) -> bytes | int:
@@ -390,6 +393,14 @@ class ProxyResource(Resource):
         exchange = self._router.open(facts)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
+        details: dict[str, Any] = {}
+        recorder = self._recorder
+        if recorder is not None:
+            details["headers"] = masked_headers(
+                list(request.requestHeaders.getAllRawHeaders()), (self._config.proxy.api_key,)
+            )
+            if recorder.keep_bodies:
+                recorder.request_body(request_id, body)
         self._hub.emit(
             events.REQUEST_STARTED,
             started,
@@ -398,6 +409,7 @@ class ProxyResource(Resource):
             path=request.path.decode("latin-1", "replace"),
             session=facts.session_key,
             bytes=len(body),
+            **details,
         )
 
         async def send(account: Account, decision: Decision, timeout: float | None) -> IResponse:
@@ -430,7 +442,7 @@ class ProxyResource(Resource):
                     request, request_id, started, account, outcome.error.code, decision.reason, None, ok=False
                 )
             return
-        usage, ok = await self._stream(request, response)
+        usage, ok = await self._stream(request, response, request_id)
         self._router.on_finished(exchange, account, usage, ok and response.code < 500)
         self._finished_event(request, request_id, started, account, response.code, decision.reason, usage, ok=ok)
 
@@ -477,7 +489,7 @@ class ProxyResource(Resource):
         response.deliverBody(sink)
         await sink.done
 
-    async def _stream(self, request: Request, response: IResponse) -> tuple[Usage | None, bool]:
+    async def _stream(self, request: Request, response: IResponse, request_id: int) -> tuple[Usage | None, bool]:
         request.setResponseCode(response.code, response.phrase)
         for name, values in response.headers.getAllRawHeaders():
             if name.lower() not in _RESPONSE_DROP:
@@ -497,10 +509,21 @@ class ProxyResource(Resource):
                 if size[0] <= _JSON_USAGE_LIMIT:
                     collected.append(data)
 
+        recorder = self._recorder
+        if recorder is not None and recorder.keep_bodies:
+            parse = feed
+
+            def feed(data: bytes) -> None:
+                recorder.response_chunk(request_id, data)
+                if parse is not None:
+                    parse(data)
+
         relay = StreamRelay(request, self._reactor, self._config.proxy.stream_idle_timeout, feed)
         request.notifyFinish().addErrback(lambda _: relay.abort())
         response.deliverBody(relay)
         failure = await relay.done
+        if recorder is not None and recorder.keep_bodies:
+            recorder.response_end(request_id)
         if failure is not None:
             # Never complete a cut stream: the client must see it broke.
             why = "idle timeout (proxy.streamIdleTimeout)" if relay.timed_out else str(failure)

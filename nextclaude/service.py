@@ -19,6 +19,7 @@ from nextclaude.config import Config
 from nextclaude.events import Event, EventHub
 from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.proxy import ProxyResource, ProxySite
+from nextclaude.requestlog import RequestLog
 from nextclaude.router import FULL, Router
 from nextclaude.scheduler import Scheduler
 from nextclaude.status import snapshot
@@ -127,7 +128,14 @@ class ProxyService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, config: Config, hub: EventHub | None = None, policy: str = FULL) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        hub: EventHub | None = None,
+        policy: str = FULL,
+        log_bodies: bool = False,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
@@ -154,7 +162,20 @@ class ProxyService(MultiService):
         self.state.setServiceParent(self)
         self.scheduler = Scheduler(reactor, self.router)
         self.scheduler.setServiceParent(self)
-        resource = ProxyResource(reactor, config, self.router, self.scheduler, self.upstream, self.hub, self.status)
+        self.request_log: RequestLog | None = None
+        if config.log_dir is not None:
+            self.request_log = RequestLog(reactor, config.log_dir, self.hub, keep_bodies=log_bodies)
+            self.request_log.setServiceParent(self)
+        resource = ProxyResource(
+            reactor,
+            config,
+            self.router,
+            self.scheduler,
+            self.upstream,
+            self.hub,
+            self.status,
+            recorder=self.request_log,
+        )
         self.site = ProxySite(resource, config.proxy.max_body_bytes, reactor=reactor)
         self.listener = ListenService(reactor, self.site, config.proxy.port, config.proxy.host)
         self.listener.setServiceParent(self)

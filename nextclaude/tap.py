@@ -44,6 +44,7 @@ def load_proxy_config(
     port: int | None = None,
     host: str | None = None,
     upstream: str | None = None,
+    log_to: str | None = None,
 ) -> Config:
     """
     The configuration the proxy runs with: the file (created on first run)
@@ -56,7 +57,7 @@ def load_proxy_config(
     except ConfigError as error:
         raise usage.UsageError(str(error))
     try:
-        config = config.with_overrides(port=port, host=host, upstream=upstream)
+        config = config.with_overrides(port=port, host=host, upstream=upstream, log_dir=log_to)
     except ValueError as error:
         raise usage.UsageError(str(error))
     if not config.accounts:
@@ -65,7 +66,7 @@ def load_proxy_config(
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--port PORT] [--host HOST] [--upstream URL]"
+    synopsis = "[--config FILE] [--port PORT] [--host HOST] [--upstream URL] [--log-to DIR [--log-bodies]]"
     longdesc = (
         "Run the NextClaude proxy: one local endpoint for Claude Code that pools "
         "several Claude accounts and moves traffic between them as quota runs out."
@@ -76,12 +77,22 @@ class Options(usage.Options):
         ["port", "p", None, "Port to listen on (overrides proxy.port; 0 picks a free one).", check_port],
         ["host", None, None, "Interface to listen on (overrides proxy.host).", check_host],
         ["upstream", None, None, "Upstream API base URL (overrides upstream).", check_upstream],
+        ["log-to", None, None, "Append one JSON line per request to a daily file in DIR (overrides logDir)."],
+    ]
+    optFlags = [
+        ["log-bodies", None, "With a request log, also keep every request's and response's body."],
     ]
 
     def postOptions(self) -> None:
         self.config = load_proxy_config(
-            self["config"], port=self["port"], host=self["host"], upstream=self["upstream"]
+            self["config"],
+            port=self["port"],
+            host=self["host"],
+            upstream=self["upstream"],
+            log_to=self["log-to"],
         )
+        if self["log-bodies"] and self.config.log_dir is None:
+            raise usage.UsageError("--log-bodies needs a request log: give --log-to DIR or set logDir.")
 
 
 def makeService(options: Options) -> MultiService:
@@ -92,6 +103,10 @@ def makeService(options: Options) -> MultiService:
     config: Any = getattr(options, "config", None)
     if config is None:
         config = load_proxy_config(
-            options["config"], port=options["port"], host=options["host"], upstream=options["upstream"]
+            options["config"],
+            port=options["port"],
+            host=options["host"],
+            upstream=options["upstream"],
+            log_to=options["log-to"],
         )
-    return ProxyService(reactor, config)
+    return ProxyService(reactor, config, log_bodies=bool(options["log-bodies"]))
