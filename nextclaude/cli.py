@@ -21,6 +21,8 @@ def _server(args: argparse.Namespace) -> int:
     from twisted.python.usage import UsageError
 
     from nextclaude import tap
+    from nextclaude.control import AlreadyRunning
+    from nextclaude.paths import FileProblem
     from nextclaude.service import ProxyService
 
     try:
@@ -37,10 +39,15 @@ def _server(args: argparse.Namespace) -> int:
     # --no-console keeps these plain log lines; without it the console
     # (once it exists) takes over a terminal.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = ProxyService(reactor, config, log_bodies=args.log_bodies)
     try:
+        service = ProxyService(reactor, config, log_bodies=args.log_bodies)
         service.privilegedStartService()
+    except (AlreadyRunning, FileProblem) as error:
+        print(f"nextclaude: {error}", file=sys.stderr)
+        return 1
     except CannotListenError:
+        if service.control is not None:
+            service.control.stopService()
         proxy = config.proxy
         print(
             f"nextclaude: cannot listen on {proxy.host}:{proxy.port}: the port is already in "

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from nextclaude import events, paths
 from nextclaude.config import Config
+from nextclaude.control import ConfigAccounts, ControlService, config_reloader
 from nextclaude.events import Event, EventHub
 from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.proxy import ProxyResource, ProxySite
@@ -121,9 +122,10 @@ class ListenService(Service):
 
 class ProxyService(MultiService):
     """
-    The whole proxy.  Children start in order: upstream client, state,
-    scheduler (whose timers need the restored quota), then the listening
-    port, so no request arrives before the state is restored.
+    The whole proxy.  Children start in order: the control socket (which
+    refuses a second proxy on the same config), upstream client, state,
+    scheduler (whose timers need the restored quota), request log, then the
+    listening port, so no request arrives before the state is restored.
     """
 
     _log = Logger()
@@ -135,6 +137,7 @@ class ProxyService(MultiService):
         hub: EventHub | None = None,
         policy: str = FULL,
         log_bodies: bool = False,
+        control: bool = True,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -153,6 +156,13 @@ class ProxyService(MultiService):
             policy=policy,
         )
         self.started_at = reactor.seconds()
+        # The control socket first: a second proxy on the same config is
+        # refused before it binds a port or touches the state file.
+        self.accounts = ConfigAccounts(config.path, config_reloader(config.path, self.router))
+        self.control: ControlService | None = None
+        if control:
+            self.control = ControlService(reactor, paths.socket_path(config.path), self)
+            self.control.setServiceParent(self)
         self.upstream = UpstreamService(reactor, config.upstream)
         self.upstream.setServiceParent(self)
         state_path = paths.state_file(config.path)
