@@ -148,18 +148,39 @@ def _remove(args: argparse.Namespace) -> int:
     return 1
 
 
+def _running_snapshot(config: "Config") -> dict | None:
+    """
+    The running proxy's status over its control socket, or None when no
+    proxy runs for this config.
+    """
+    from nextclaude import paths
+    from nextclaude.control import ControlError, read_snapshot
+
+    try:
+        return read_snapshot(paths.socket_path(config.path))
+    except (ControlError, paths.FileProblem, OSError):
+        return None
+
+
 def client_environment(config: "Config", api_key_mode: bool) -> dict[str, str]:
     """
-    What Claude Code needs to use the proxy.  By default the key travels in
-    a custom header, so Claude Code keeps its subscription mode (1-hour
-    cache, its own login); API-key mode swaps that for ANTHROPIC_API_KEY.
+    What Claude Code needs to use the proxy: the running proxy's real
+    address when one answers on the control socket, else the file's.  By
+    default the key travels in a custom header, so Claude Code keeps its
+    subscription mode (1-hour cache, its own login); API-key mode swaps
+    that for ANTHROPIC_API_KEY.
     """
-    host = config.proxy.host
+    host, port = config.proxy.host, config.proxy.port
+    running = _running_snapshot(config)
+    if running is not None:
+        listen = running.get("listen") or {}
+        if isinstance(listen.get("host"), str) and isinstance(listen.get("port"), int):
+            host, port = listen["host"], listen["port"]
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    environment = {"ANTHROPIC_BASE_URL": f"http://{host}:{config.proxy.port}"}
+    environment = {"ANTHROPIC_BASE_URL": f"http://{host}:{port}"}
     if api_key_mode:
         environment["ANTHROPIC_API_KEY"] = config.proxy.api_key
     else:
@@ -210,6 +231,23 @@ def _run(args: argparse.Namespace) -> int:
     # straight through.
     os.execve(claude, [claude, *arguments], environment)
     return 0  # not reached
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from nextclaude import paths
+    from nextclaude.control import ControlError, read_snapshot
+    from nextclaude.statusview import render_status
+
+    try:
+        snapshot = read_snapshot(paths.socket_path(paths.config_file(args.config)))
+    except (ControlError, paths.FileProblem) as error:
+        print(f"nextclaude: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(snapshot, indent=2) if args.json else render_status(snapshot, time.time()))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -265,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="launch Claude Code pointed at the proxy")
     run.add_argument("arguments", nargs=argparse.REMAINDER, metavar="-- ARGS", help="arguments for claude")
     run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="print the running proxy's quota and cache statistics")
+    status.add_argument("--json", action="store_true", help="print the status endpoint's JSON instead")
+    status.set_defaults(handler=_status)
 
     demo = commands.add_parser(
         "demo", help="run the whole system against a built-in simulated upstream (no account needed)"

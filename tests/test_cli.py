@@ -68,6 +68,16 @@ class ArgumentTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("--port", err)
 
+    def test_status_without_a_proxy(self) -> None:
+        """
+        `status` with no proxy running for the config says so and how to
+        start one, exit status 1.
+        """
+        config = write_config(self, 9)
+        code, err = self.run_main("--config", str(config), "status")
+        self.assertEqual(code, 1)
+        self.assertIn("nextclaude server", err)
+
     def test_command_is_required(self) -> None:
         """
         `nextclaude` without a command is a usage error (exit status 2).
@@ -93,6 +103,21 @@ class ServerProcessTests(TestCase):
         status = await response.json()
         self.assertEqual([a["name"] for a in status["accounts"]], ["alice", "bob"])
         self.assertEqual(status["listen"]["port"], int(url.rsplit(":", 1)[1]))
+        # The commands that talk to the running proxy over its socket: the
+        # blocking client is fine here, the proxy is another process.
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(main(["--config", str(config), "status"]), 0)
+        self.assertIn("NextClaude 0.1.0 · 2 account(s) · 0 session(s)", out.getvalue())
+        self.assertIn("alice (Pro/Max, active)", out.getvalue())
+        out.seek(0)
+        out.truncate(0)
+        self.assertEqual(main(["--config", str(config), "status", "--json"]), 0)
+        self.assertEqual(json.loads(out.getvalue())["listen"], status["listen"])
+        out.seek(0)
+        out.truncate(0)
+        self.assertEqual(main(["--config", str(config), "env"]), 0)
+        self.assertIn(f"ANTHROPIC_BASE_URL={url}\n", out.getvalue())
         watcher.transport.signalProcess(signal.SIGTERM)
         self.assertEqual((await watcher.ended).exitCode, 0)
         state = config.parent / "state.json"
