@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from nextclaude import __version__
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from nextclaude.config import AccountConfig, Config
 
 
@@ -61,8 +63,43 @@ def _server(args: argparse.Namespace) -> int:
     host, bound = service.address()
     print(f"NextClaude {__version__} listening on http://{host}:{bound} with {len(config.accounts)} account(s)", flush=True)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    # The reactor installs its own handlers when it starts: ours must come
+    # after them, or they would be replaced.
+    reactor.callWhenRunning(_install_stop_signals, reactor, service)
     reactor.run()
     return 0
+
+
+def _install_stop_signals(reactor: "Any", service: "Any") -> None:
+    """
+    The first SIGINT or SIGTERM stops gracefully (in-flight requests get
+    proxy.shutdownGrace to finish, state is saved); a second one exits at
+    once.
+    """
+    import os
+    import signal
+
+    received: list[int] = []
+
+    def on_signal(number: int, frame: object) -> None:
+        received.append(number)
+        if len(received) > 1:
+            os._exit(128 + number)
+        reactor.callFromThread(_begin_stop, reactor, service)
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, on_signal)
+
+
+def _begin_stop(reactor: "Any", service: "Any") -> None:
+    waiting = service.resource.in_flight()
+    if waiting:
+        print(
+            f"Stopping: letting {waiting} request(s) finish (up to {service.config.proxy.shutdown_grace:g}s); "
+            f"signal again to quit at once.",
+            flush=True,
+        )
+    reactor.stop()
 
 
 def _load(args: argparse.Namespace) -> "Config":

@@ -348,6 +348,8 @@ class ProxyResource(Resource):
         self._status = status
         self._recorder = recorder
         self._next_id = 0
+        self._active: set[Request] = set()
+        self._idle_waiters: list[Deferred[None]] = []
 
     def render(self, request: Request) -> bytes | int:
         if request.method == b"HEAD" and request.path == b"/":
@@ -366,10 +368,40 @@ class ProxyResource(Resource):
                 return respond_error(request, 405, "invalid_request_error", "Use GET.")
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(self._status()).encode("utf-8")
-        Deferred.fromCoroutine(self._relay(request)).addErrback(
-            self._crashed, request
-        )
+        self._active.add(request)
+        relaying = Deferred.fromCoroutine(self._relay(request)).addErrback(self._crashed, request)
+        relaying.addBoth(self._done, request)
         return NOT_DONE_YET
+
+    def _done(self, result: object, request: Request) -> None:
+        self._active.discard(request)
+        if not self._active:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def when_idle(self) -> Deferred[None]:
+        """
+        Fires once no request is being relayed.
+        """
+        waiter: Deferred[None] = Deferred()
+        if self._active:
+            self._idle_waiters.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
+
+    def abort_all(self) -> None:
+        """
+        Cut every request still being relayed (the shutdown grace ran
+        out): their clients see the connection close, never a made-up end.
+        """
+        for request in list(self._active):
+            if not request._disconnected:
+                request.channel.transport.abortConnection()
 
     def _authorized(self, request: Request) -> bool:
         settings = self._config.proxy

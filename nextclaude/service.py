@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -176,7 +176,7 @@ class ProxyService(MultiService):
         if config.log_dir is not None:
             self.request_log = RequestLog(reactor, config.log_dir, self.hub, keep_bodies=log_bodies)
             self.request_log.setServiceParent(self)
-        resource = ProxyResource(
+        self.resource = resource = ProxyResource(
             reactor,
             config,
             self.router,
@@ -190,6 +190,33 @@ class ProxyService(MultiService):
         self.listener = ListenService(reactor, self.site, config.proxy.port, config.proxy.host)
         self.listener.setServiceParent(self)
         self.hub.subscribe(self._log_event)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        """
+        Stop gracefully: accept nothing new, give the requests in flight up
+        to C{proxy.shutdownGrace} seconds to finish, cut the rest, then
+        stop everything else (the state is saved last).
+        """
+        await maybeDeferred(self.listener.stopService)
+        if self.resource.in_flight():
+            grace = self.config.proxy.shutdown_grace
+            self._log.info(
+                "waiting up to {grace:g}s for {count} request(s) in flight", grace=grace, count=self.resource.in_flight()
+            )
+            idle = self.resource.when_idle()
+            timer = self.reactor.callLater(grace, idle.cancel)
+            try:
+                await idle
+            except CancelledError:
+                self._log.warn("shutdown grace over: cutting {count} request(s)", count=self.resource.in_flight())
+                self.resource.abort_all()
+            finally:
+                if timer.active():
+                    timer.cancel()
+        await super().stopService()
 
     def address(self) -> tuple[str | None, int | None]:
         if self.listener.port is None:
