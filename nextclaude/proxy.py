@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
@@ -87,18 +88,59 @@ def respond_error(request: Request, code: int, kind: str, message: str) -> bytes
     return error_body(kind, message)
 
 
-def _raw_413(version: bytes, limit: int) -> bytes:
-    body = error_body(
-        "request_too_large",
-        f"Request body is larger than the proxy's limit of {limit} bytes (proxy.maxBodyBytes).",
-    )
-    head = (
-        b"%s 413 Request Entity Too Large\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Content-Length: %d\r\n"
-        b"Connection: close\r\n\r\n" % (version, len(body))
-    )
-    return head + body
+# How long a rejected connection keeps reading (and dropping) what the
+# client still sends, so that closing it is not a reset that would destroy
+# the answer before the client reads it.
+LINGER_SECONDS = 5.0
+
+
+class ProxyChannel(HTTPChannel):
+    """
+    An HTTP channel whose own refusals (oversized body or headers, a
+    malformed request) are proper HTTP/1.1 answers in the API error shape.
+    """
+
+    _rejected = False
+    _linger_call = None
+
+    def reject(self, code: int, phrase: bytes, kind: str, message: str) -> None:
+        """
+        Answer at once and close, whatever state the request is in.
+        """
+        if self._rejected:
+            return
+        self._rejected = True
+        body = error_body(kind, message)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (code, phrase, len(body), body)
+        )
+        self.setTimeout(None)
+        try:
+            # Half-close: the client reads the answer and then our EOF.
+            self.transport.loseWriteConnection()
+        except (AttributeError, NotImplementedError):
+            self.transport.loseConnection()
+        self._linger_call = self.callLater(LINGER_SECONDS, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        super().dataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.reject(431, b"Request Header Fields Too Large", "invalid_request_error", "Request headers are too large.")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self.reject(431, b"Request Header Fields Too Large", "invalid_request_error", "Request headers are too large.")
+        else:
+            self.reject(400, b"Bad Request", "invalid_request_error", "Malformed HTTP request.")
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        super().connectionLost(reason)
 
 
 class ProxyRequest(Request):
@@ -131,18 +173,17 @@ class ProxyRequest(Request):
 
         This runs before the channel has told the request its method and
         version (Request.write would send an HTTP/0.9 response), so the
-        response is written raw, with the version from the channel.
+        channel writes the answer itself.
         """
         self._rejected = True
         self.content = io.BytesIO()
-        version = getattr(self.channel, "_version", None) or b"HTTP/1.1"
-        if version not in (b"HTTP/1.0", b"HTTP/1.1"):
-            version = b"HTTP/1.1"
-        transport = self.channel.transport
-        transport.write(_raw_413(version, self.channel.site.max_body_bytes))
-        # Close once the answer is out; what the client still sends is
-        # discarded above rather than buffered.
-        transport.loseConnection()
+        limit = self.channel.site.max_body_bytes
+        self.channel.reject(
+            413,
+            b"Request Entity Too Large",
+            "request_too_large",
+            f"Request body is larger than the proxy's limit of {limit} bytes (proxy.maxBodyBytes).",
+        )
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
@@ -152,6 +193,11 @@ class ProxyRequest(Request):
 
 class ProxySite(Site):
     requestFactory = ProxyRequest
+
+    # The factory's protocol is a function called with the factory; Site
+    # then fills in the channel's site and request factory as usual.
+    def protocol(self) -> Any:
+        return _GenericHTTPChannelProtocol(ProxyChannel())
 
     def __init__(self, resource: Resource, max_body_bytes: int, **kw: Any) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kw)
