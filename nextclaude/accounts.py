@@ -1,0 +1,639 @@
+"""The running proxy's side of the accounts: token refresh, usage polling, reloads.
+
+- **Refresh.** Every OAuth account is refreshed ``refresh_margin`` (5 min)
+  before its token expires, idle or not, and on demand after a 401
+  (``refresh``, the Scheduler's hook; ``can_refresh``, the Router's). One
+  refresh per account is in flight at a time; callers share it. The rotated
+  pair is saved to config.json (one locked operation) *before* the pool's
+  account uses it, because the old refresh token is dead the moment the
+  server answers. Imported accounts share their grant with Claude Code
+  (PROTOCOL.md, "Shared grants"): their source is re-read first and newer
+  tokens there adopted, and a rotated pair is written back to it after.
+- **Usage polling.** OAuth accounts without recent traffic (whose quota
+  headers would be fresher) have their windows read from the usage endpoint
+  at start-up and every ``usagePollMinutes``, jittered, backing off on errors.
+- **Reload.** SIGHUP and a change of the config file's mtime/size/inode
+  reload the accounts into the pool; in-flight requests keep their Account
+  objects. A file that does not load is reported and ignored.
+
+Everything runs on the injected reactor. Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random as _random
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from nextclaude import credentials, events
+from nextclaude.config import Config, ConfigError, load_config, update_account
+from nextclaude.events import EventHub
+from nextclaude.oauth import OAuthClient, OAuthError
+from nextclaude.pool import Account, AccountPool
+from nextclaude.quota import QuotaReport
+from nextclaude.router import Router
+
+REFRESH_MARGIN = 300.0
+# A 401 this soon after a successful refresh came from a request sent with
+# the old token: retrying with the new one is enough.
+RECENT_REFRESH = 30.0
+BACKOFF_START = 2.0
+BACKOFF_CAP = 300.0
+RATE_LIMIT_CAP = 3600.0
+WATCH_INTERVAL = 2.0
+POLL_JITTER = 0.2
+POLL_RETRY_START = 60.0
+
+
+@dataclass(frozen=True)
+class AccountsSettings:
+    usage_poll_minutes: float = 30.0
+    refresh_margin: float = REFRESH_MARGIN
+    # Seconds between looks at the config file; None turns the watcher off.
+    watch_interval: float | None = WATCH_INTERVAL
+    # Reload on SIGHUP (only under a reactor that runs, in the main thread).
+    sighup: bool = True
+    poll_usage: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides: Any) -> AccountsSettings:
+        return cls(**{"usage_poll_minutes": config.usage_poll_minutes, **overrides})
+
+
+@dataclass
+class _Refresher:
+    inflight: Deferred[None] | None = None
+    timer: IDelayedCall | None = None
+    failures: int = 0
+    not_before: float = 0.0
+    # A failed attempt waits for not_before rather than for the next expiry.
+    retry_pending: bool = False
+    refreshed_at: float | None = None
+    # The refresh token the server declared dead; a new one revives the account.
+    dead_token: str | None = None
+
+
+@dataclass
+class _Poller:
+    timer: IDelayedCall | None = None
+    inflight: Deferred[None] | None = None
+    failures: int = 0
+
+
+def _follow(d: Deferred[Any]) -> Deferred[None]:
+    """A Deferred that fires (with None) when ``d`` does; cancelling it leaves ``d`` alone."""
+    follower: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        if not follower.called:
+            follower.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return follower
+
+
+def _pair_fields(pair: credentials.TokenPair) -> dict[str, Any]:
+    """The config keys a rotated or adopted pair changes (unknown values keep what is there)."""
+    fields: dict[str, Any] = {"accessToken": pair.access_token, "expiresAt": pair.expires_at_ms}
+    if pair.refresh_token:
+        fields["refreshToken"] = pair.refresh_token
+    if pair.scopes:
+        fields["scopes"] = list(pair.scopes)
+    return fields
+
+
+class AccountsService(Service):
+    name = "accounts"
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config_path: Path,
+        pool: AccountPool,
+        router: Router,
+        hub: EventHub,
+        client: OAuthClient,
+        settings: AccountsSettings | None = None,
+        *,
+        random: Callable[[], float] = _random.random,
+        read_source: Callable[[str], credentials.ImportedCredentials] = credentials.read_credentials,
+        write_source: Callable[[str, credentials.TokenPair], None] = credentials.write_back,
+    ) -> None:
+        self._reactor = reactor
+        self.config_path = Path(config_path)
+        self._pool = pool
+        self._router = router
+        self._hub = hub
+        self._client = client
+        self.settings = settings if settings is not None else AccountsSettings()
+        self._poll_minutes = self.settings.usage_poll_minutes
+        self._random = random
+        self._read_source = read_source
+        self._write_source = write_source
+        self._refreshers: dict[str, _Refresher] = {}
+        self._pollers: dict[str, _Poller] = {}
+        self._watcher: LoopingCall | None = None
+        self._seen: tuple[int, int, int] | None = None
+        self._previous_sighup: Any = None
+        self._sighup_installed = False
+        # Called after polled usage changed an account's windows; the service
+        # wiring points it at Scheduler.arm_expiry so reset timers follow.
+        self.quota_changed: Callable[[], None] = lambda: None
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        for account in self._pool:
+            self._arm(account.name)
+            self._schedule_poll(account.name, 0.0)
+        if self.settings.watch_interval is not None:
+            self._seen = self._signature()
+            self._watcher = LoopingCall(self._watch)
+            self._watcher.clock = self._reactor
+            self._watcher.start(self.settings.watch_interval, now=False).addErrback(
+                lambda f: self._log.failure("the config file watcher stopped", f)
+            )
+        if self.settings.sighup and hasattr(signal, "SIGHUP") and hasattr(self._reactor, "callWhenRunning"):
+            # A real reactor: signal handlers belong to the running loop's thread.
+            if getattr(self._reactor, "running", False):
+                self._install_sighup()
+            else:
+                self._reactor.callWhenRunning(self._install_sighup)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._watcher is not None and self._watcher.running:
+            self._watcher.stop()
+        self._watcher = None
+        self._uninstall_sighup()
+        waits = []
+        for refresher in self._refreshers.values():
+            self._cancel(refresher.timer)
+            refresher.timer = None
+            if refresher.inflight is not None:
+                # Not cancelled: a pair the server already rotated must reach
+                # the file, or the account is lost. The client's timeout bounds this.
+                waits.append(_follow(refresher.inflight))
+        for poller in self._pollers.values():
+            self._cancel(poller.timer)
+            poller.timer = None
+            if poller.inflight is not None:
+                poller.inflight.cancel()
+        done: Deferred[Any] = DeferredList(waits) if waits else succeed(None)
+        done.addCallback(lambda _: self._client.close())
+        done.addCallback(lambda _: None)
+        return done
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+    def _now(self) -> float:
+        return self._reactor.seconds()
+
+    # -- refresh --------------------------------------------------------------------
+
+    def _refresher(self, name: str) -> _Refresher:
+        return self._refreshers.setdefault(name, _Refresher())
+
+    @staticmethod
+    def _is_oauth(account: Account | None) -> bool:
+        return account is not None and account.kind == "oauth"
+
+    def can_refresh(self, account: Account) -> bool:
+        """Router hook: whether a 401 on ``account`` is worth one forced refresh."""
+        if not self._is_oauth(account) or not account.config.refresh_token or account.error is not None:
+            return False
+        refresher = self._refreshers.get(account.name)
+        return refresher is None or refresher.dead_token != account.config.refresh_token
+
+    async def refresh(self, account: Account) -> None:
+        """Refresh ``account``'s token now (Scheduler hook, after a 401), or join the one in flight.
+
+        Never raises: failures are logged, retried in the background or turn
+        the account into an error. Returns at once while backing off, and when
+        the token was refreshed moments ago (the 401 came from the old one).
+        """
+        name = account.name
+        if self._pool.get(name) is not account or not self._is_oauth(account):
+            return
+        refresher = self._refresher(name)
+        if refresher.inflight is None:
+            if not self.can_refresh(account):
+                return
+            now = self._now()
+            if refresher.not_before > now:
+                return
+            if refresher.refreshed_at is not None and now - refresher.refreshed_at < RECENT_REFRESH:
+                return
+            self._start(name)
+        if refresher.inflight is not None:
+            await _follow(refresher.inflight)
+
+    def _arm(self, name: str) -> None:
+        """(Re)schedule the account's next refresh: before expiry, or its retry after a failure."""
+        refresher = self._refresher(name)
+        self._cancel(refresher.timer)
+        refresher.timer = None
+        account = self._pool.get(name)
+        if not self.running or not self._is_oauth(account) or account is None:
+            return
+        token = account.config.refresh_token
+        if not token:
+            return
+        if refresher.dead_token is not None:
+            if refresher.dead_token == token:
+                return
+            refresher.dead_token = None  # re-imported or logged in again
+        if refresher.retry_pending:
+            when = refresher.not_before
+        elif account.config.expires_at is None:
+            return  # expiry unknown: refreshed on demand, after a 401
+        else:
+            when = max(account.config.expires_at / 1000.0 - self.settings.refresh_margin, refresher.not_before)
+        refresher.timer = self._reactor.callLater(max(0.0, when - self._now()), self._fire, name)
+
+    def _fire(self, name: str) -> None:
+        self._refresher(name).timer = None
+        self._start(name)
+
+    def _start(self, name: str) -> Deferred[None]:
+        refresher = self._refresher(name)
+        if refresher.inflight is not None:
+            return refresher.inflight
+        attempt = Deferred.fromCoroutine(self._run(name))
+
+        def finished(result: object) -> None:
+            if refresher.inflight is attempt:
+                refresher.inflight = None
+            if isinstance(result, Failure):
+                self._log.failure("refreshing the token of {account} failed unexpectedly", result, account=name)
+
+        if not attempt.called:
+            refresher.inflight = attempt
+        attempt.addBoth(finished)
+        return attempt
+
+    def _valid_for(self, pair: credentials.TokenPair) -> float:
+        if pair.expires_at_ms is None:
+            return 0.0
+        return pair.expires_at_ms / 1000.0 - self._now()
+
+    def _read(self, name: str, source: str) -> credentials.ImportedCredentials | None:
+        try:
+            return self._read_source(source)
+        except credentials.CredentialsError as e:
+            self._log.warn(
+                "could not re-read the credentials {account} was imported from: {problem}", account=name, problem=str(e)
+            )
+        except Exception:
+            self._log.failure("re-reading {source} failed", source=source)
+        return None
+
+    async def _run(self, name: str) -> None:
+        account = self._pool.get(name)
+        if not self._is_oauth(account) or account is None or not account.config.refresh_token:
+            return
+        config = account.config
+        token: str = config.refresh_token  # type: ignore[assignment]
+        source = config.import_from
+        if source:
+            # Shared grant: Claude Code may have rotated it since we last looked.
+            theirs = self._read(name, source)
+            if (
+                theirs is not None
+                and theirs.access_token != config.access_token
+                and theirs.expires_at_ms is not None
+                and (config.expires_at is None or theirs.expires_at_ms > config.expires_at)
+            ):
+                self._log.info("adopting newer tokens for {account} from {source}", account=name, source=source)
+                if not self._store(name, theirs, None):
+                    return
+                if self._valid_for(theirs) > self.settings.refresh_margin:
+                    self._succeeded(name)
+                    return
+                token = theirs.refresh_token or token
+        reread = False
+        while True:
+            try:
+                tokens = await self._client.refresh(token)
+            except OAuthError as error:
+                if error.kind == "invalid_grant" and source and not reread:
+                    reread = True
+                    theirs = self._read(name, source)
+                    if theirs is not None and theirs.refresh_token and theirs.refresh_token != token:
+                        # Someone else rotated the shared grant first: theirs is the live pair.
+                        self._log.info(
+                            "{account}'s refresh token was already used; adopting the pair in {source}",
+                            account=name,
+                            source=source,
+                        )
+                        if not self._store(name, theirs, None):
+                            return
+                        if self._valid_for(theirs) > self.settings.refresh_margin:
+                            self._succeeded(name)
+                            return
+                        token = theirs.refresh_token
+                        continue
+                if error.kind == "invalid_grant":
+                    self._dead(name, token, error)
+                else:
+                    self._failed(name, error)
+                return
+            break
+        self._store(name, tokens, source)
+        self._succeeded(name)
+
+    def _store(self, name: str, pair: credentials.TokenPair, write_back: str | None) -> bool:
+        """Save ``pair`` to the config file, then let the account use it; False if it was removed."""
+        try:
+            present = update_account(self.config_path, name, _pair_fields(pair))
+        except (ConfigError, OSError) as e:
+            # The old refresh token may already be dead: keeping the new pair
+            # in memory is the only way left to keep the account alive.
+            self._log.error(
+                "could not save the new token of {account}: {problem}; using it until the proxy stops",
+                account=name,
+                problem=str(e),
+            )
+            present = True
+        if present:
+            account = self._pool.get(name)
+            if account is not None:
+                account.config = dataclasses.replace(
+                    account.config,
+                    access_token=pair.access_token,
+                    refresh_token=pair.refresh_token or account.config.refresh_token,
+                    expires_at=pair.expires_at_ms,
+                    scopes=tuple(pair.scopes) or account.config.scopes,
+                )
+                account.error = None
+        if write_back:
+            # Even for a removed account: the pair in the source is dead now,
+            # and Claude Code lives on it.
+            try:
+                self._write_source(write_back, pair)
+            except credentials.CredentialsError as e:
+                self._log.warn(
+                    "could not write the new token of {account} back to {source}: {problem}; "
+                    "Claude Code may ask you to log in again",
+                    account=name,
+                    source=write_back,
+                    problem=e.problem,
+                )
+            except Exception:
+                self._log.failure("writing the new token back to {source} failed", source=write_back)
+        if not present:
+            self._log.info(
+                "{account} was removed from {path} while its token was refreshed; not adding it back",
+                account=name,
+                path=str(self.config_path),
+            )
+            self._reload_logged()
+        return present
+
+    def _succeeded(self, name: str) -> None:
+        refresher = self._refresher(name)
+        refresher.failures = 0
+        refresher.not_before = 0.0
+        refresher.retry_pending = False
+        refresher.refreshed_at = self._now()
+        account = self._pool.get(name)
+        if account is not None and account.config.expires_at is not None:
+            self._log.info(
+                "refreshed the token of {account}; valid for {minutes:.0f} min",
+                account=name,
+                minutes=(account.config.expires_at / 1000.0 - self._now()) / 60.0,
+            )
+        self._arm(name)
+
+    def _failed(self, name: str, error: OAuthError) -> None:
+        refresher = self._refresher(name)
+        refresher.failures += 1
+        jitter = 1.0 + POLL_JITTER * (2.0 * self._random() - 1.0)
+        if error.kind == "rate_limited" and error.retry_after:
+            # Never earlier than the server asked.
+            delay = min(RATE_LIMIT_CAP, error.retry_after) * (1.0 + POLL_JITTER * self._random())
+        else:
+            delay = min(BACKOFF_CAP, BACKOFF_START * 2.0 ** (refresher.failures - 1)) * jitter
+        refresher.not_before = self._now() + delay
+        refresher.retry_pending = True
+        self._log.warn(
+            "refreshing the token of {account} failed: {error}; retrying in {delay:.0f} s",
+            account=name,
+            error=str(error),
+            delay=delay,
+        )
+        self._arm(name)
+
+    def _dead(self, name: str, token: str, error: OAuthError) -> None:
+        refresher = self._refresher(name)
+        refresher.dead_token = token
+        refresher.retry_pending = False
+        self._cancel(refresher.timer)
+        refresher.timer = None
+        account = self._pool.get(name)
+        if account is None:
+            return
+        if account.config.import_from:
+            fix = (
+                "log in to Claude Code and run `nextclaude import` again, "
+                "or run `nextclaude login` to give the proxy a grant of its own"
+            )
+        else:
+            fix = "run `nextclaude login` (or `nextclaude import`) again"
+        message = f"the OAuth grant is no longer valid ({error}); {fix}"
+        account.error = message
+        self._log.error("{account}: {message}", account=name, message=message)
+        self._hub.emit(events.ACCOUNT_ERROR, self._now(), account=name, message=message)
+
+    # -- usage polling ---------------------------------------------------------------
+
+    def _poll_interval(self) -> float:
+        return self._poll_minutes * 60.0
+
+    def _jittered(self, seconds: float) -> float:
+        return seconds * (1.0 + POLL_JITTER * (2.0 * self._random() - 1.0))
+
+    def _schedule_poll(self, name: str, delay: float) -> None:
+        poller = self._pollers.setdefault(name, _Poller())
+        self._cancel(poller.timer)
+        poller.timer = None
+        if not self.running or not self.settings.poll_usage or not self._is_oauth(self._pool.get(name)):
+            return
+        poller.timer = self._reactor.callLater(max(0.0, delay), self._poll_now, name)
+
+    def _poll_now(self, name: str) -> None:
+        poller = self._pollers.setdefault(name, _Poller())
+        poller.timer = None
+        if poller.inflight is not None:
+            return
+        attempt = Deferred.fromCoroutine(self._poll(name))
+
+        def finished(result: object) -> None:
+            if poller.inflight is attempt:
+                poller.inflight = None
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                self._log.failure("polling the usage of {account} failed unexpectedly", result, account=name)
+
+        if not attempt.called:
+            poller.inflight = attempt
+        attempt.addBoth(finished)
+
+    def _has_fresh_headers(self, account: Account, now: float) -> bool:
+        # Every served request updates last_used and carried quota headers,
+        # which are fresher than anything the usage endpoint can tell.
+        return account.last_used is not None and now - account.last_used < self._poll_interval()
+
+    def _wants_poll(self, account: Account, now: float) -> bool:
+        config = account.config
+        if account.error is not None or not config.access_token:
+            return False
+        if config.expires_at is not None and config.expires_at / 1000.0 <= now:
+            return False  # the refresh will bring a token; polling now would only 401
+        return not self._has_fresh_headers(account, now)
+
+    async def _poll(self, name: str) -> None:
+        account = self._pool.get(name)
+        if not self._is_oauth(account) or account is None:
+            return
+        poller = self._pollers[name]
+        interval = self._poll_interval()
+        if not self._wants_poll(account, self._now()):
+            self._schedule_poll(name, self._jittered(interval))
+            return
+        try:
+            windows = await self._client.usage(account.config.access_token or "")
+        except OAuthError as error:
+            if not self.running:
+                return
+            poller.failures += 1
+            if error.kind == "rate_limited":
+                delay = max(error.retry_after or 0.0, interval * 2.0 ** min(poller.failures - 1, 3))
+            else:
+                delay = min(interval, POLL_RETRY_START * 2.0 ** (poller.failures - 1))
+            self._log.warn(
+                "reading the usage of {account} failed: {error}; next try in {delay:.0f} s",
+                account=name,
+                error=str(error),
+                delay=delay,
+            )
+            if error.kind == "unauthorized" and poller.failures == 1:
+                await self.refresh(account)
+            self._schedule_poll(name, self._jittered(delay))
+            return
+        poller.failures = 0
+        now = self._now()
+        current = self._pool.get(name)
+        if current is not None and windows and not self._has_fresh_headers(current, now):
+            current.observe_quota(QuotaReport(windows=windows), now)
+            self._log.debug("read the usage of {account}", account=name)
+            try:
+                self.quota_changed()
+            except Exception:
+                self._log.failure("the quota_changed hook failed")
+        self._schedule_poll(name, self._jittered(interval))
+
+    # -- reload ----------------------------------------------------------------------
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Re-read the config file's accounts into the pool; ``(added, removed)`` names.
+
+        Raises ``ConfigError`` for a file that does not load; the running
+        accounts stay as they were then.
+        """
+        config = load_config(self.config_path, create=False)
+        before = {account.name: account.config for account in self._pool}
+        added, removed = self._pool.update_accounts(config.accounts)
+        self._poll_minutes = config.usage_poll_minutes
+        for name in removed:
+            self._router.forget(name)
+            refresher = self._refreshers.pop(name, None)
+            if refresher is not None:
+                self._cancel(refresher.timer)
+            poller = self._pollers.pop(name, None)
+            if poller is not None:
+                self._cancel(poller.timer)
+                if poller.inflight is not None:
+                    poller.inflight.cancel()
+        for account in self._pool:
+            if account.name in added or before.get(account.name) != account.config:
+                self._arm(account.name)
+            if account.name in added:
+                self._schedule_poll(account.name, 0.0)
+        changed = [n for n in before if n not in removed and self._pool.get(n).config != before[n]]  # type: ignore[union-attr]
+        if added or removed or changed:
+            self._log.info(
+                "reloaded accounts from {path}: added {added}, removed {removed}, changed {changed}",
+                path=str(self.config_path),
+                added=", ".join(added) or "none",
+                removed=", ".join(removed) or "none",
+                changed=", ".join(changed) or "none",
+            )
+        return added, removed
+
+    def _reload_logged(self) -> None:
+        try:
+            self.reload()
+        except ConfigError as e:
+            self._log.error(
+                "not reloading the accounts: {path}: {problem}; the {count} running account(s) stay",
+                path=str(e.path),
+                problem=e.problem,
+                count=len(self._pool),
+            )
+        except Exception:
+            self._log.failure("reloading the accounts failed; the running accounts stay")
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.config_path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _watch(self) -> None:
+        signature = self._signature()
+        if signature == self._seen:
+            return
+        self._seen = signature
+        if signature is not None:
+            self._reload_logged()
+
+    def _install_sighup(self) -> None:
+        if not self.running or self._sighup_installed:
+            return
+        try:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        except (ValueError, OSError):
+            return  # not the main thread: no signals here
+        self._sighup_installed = True
+
+    def _uninstall_sighup(self) -> None:
+        if self._sighup_installed:
+            self._sighup_installed = False
+            try:
+                signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        # Signal handlers interrupt arbitrary code: do the work in the reactor loop.
+        self._log.info("SIGHUP: reloading the accounts")
+        self._reactor.callFromThread(self._reload_logged)
