@@ -38,9 +38,12 @@ def _server(args: argparse.Namespace) -> int:
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1
 
-    # --no-console keeps these plain log lines; without it the console
-    # (once it exists) takes over a terminal.
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    from nextclaude.console.app import LogRouter
+
+    # Plain log lines, unless the console takes over the terminal: then they
+    # go to a file beside the config while it runs.
+    log_router = LogRouter(textFileLogObserver(sys.stdout))
+    globalLogBeginner.beginLoggingTo([log_router], redirectStandardIO=False)
     try:
         service = ProxyService(reactor, config, log_bodies=args.log_bodies)
         service.privilegedStartService()
@@ -66,8 +69,100 @@ def _server(args: argparse.Namespace) -> int:
     # The reactor installs its own handlers when it starts: ours must come
     # after them, or they would be replaced.
     reactor.callWhenRunning(_install_stop_signals, reactor, service)
+    if not args.no_console and sys.stdin.isatty() and sys.stdout.isatty():
+        reactor.callWhenRunning(_attach_console, reactor, service, log_router)
     reactor.run()
     return 0
+
+
+def _attach_console(reactor: "Any", service: "Any", log_router: "Any") -> None:
+    """
+    Run the console on this process's own proxy; quitting it (after it
+    asks) stops the proxy and the process.
+    """
+    from twisted.internet.defer import Deferred
+    from twisted.logger import Logger
+
+    from nextclaude import control, paths
+    from nextclaude.console.app import run_console
+
+    async def attach() -> None:
+        client = await control.connect(reactor, paths.socket_path(service.config.path))
+        try:
+            await run_console(
+                reactor,
+                client,
+                owns_proxy=True,
+                stop_proxy=service.stopService,
+                log_router=log_router,
+                log_path=str(console_log_path(service.config.path)),
+            )
+        finally:
+            client.close()
+        if reactor.running:
+            reactor.stop()
+
+    def failed(failure: "Any") -> None:
+        Logger().failure("the console failed; the proxy keeps running with plain logs", failure)
+
+    Deferred.fromCoroutine(attach()).addErrback(failed)
+
+
+def console_log_path(config_path: "Any") -> "Any":
+    """
+    Where log lines go while the console owns the terminal.
+    """
+    return config_path.parent / "nextclaude.log"
+
+
+def _console(args: argparse.Namespace) -> int:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from nextclaude import control, paths
+    from nextclaude.console.app import LogRouter, Outcome, run_console
+
+    config_path = paths.config_file(args.config)
+    try:
+        socket = paths.socket_path(config_path)
+    except paths.FileProblem as error:
+        print(f"nextclaude: {error}", file=sys.stderr)
+        return 1
+    if not sys.stdout.isatty():
+        print("nextclaude: the console needs a terminal; use `nextclaude status` instead", file=sys.stderr)
+        return 1
+    log_router = LogRouter(textFileLogObserver(sys.stderr))
+    globalLogBeginner.beginLoggingTo([log_router], redirectStandardIO=False)
+    result: list[int] = [0]
+
+    async def main(reactor: "Any") -> None:
+        try:
+            client = await control.connect(reactor, socket)
+        except control.NotRunning as error:
+            print(f"nextclaude: {error}", file=sys.stderr)
+            result[0] = 1
+            return
+        try:
+            outcome = await run_console(
+                reactor,
+                client,
+                owns_proxy=False,
+                log_router=log_router,
+                log_path=str(console_log_path(config_path)),
+            )
+        finally:
+            client.close()
+        if outcome is Outcome.DISCONNECTED:
+            print("nextclaude: the proxy went away", file=sys.stderr)
+            result[0] = 1
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            return int(exit.code)
+    return result[0]
 
 
 def _install_stop_signals(reactor: "Any", service: "Any") -> None:
@@ -340,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="launch Claude Code pointed at the proxy")
     run.add_argument("arguments", nargs=argparse.REMAINDER, metavar="-- ARGS", help="arguments for claude")
     run.set_defaults(handler=_run)
+
+    console = commands.add_parser("console", help="attach the live console to a running proxy")
+    console.set_defaults(handler=_console)
 
     status = commands.add_parser("status", help="print the running proxy's quota and cache statistics")
     status.add_argument("--json", action="store_true", help="print the status endpoint's JSON instead")

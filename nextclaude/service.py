@@ -156,6 +156,7 @@ class ProxyService(MultiService):
             policy=policy,
         )
         self.started_at = reactor.seconds()
+        self._stop_waiters: list[Deferred[None]] = []
         # The control socket first: a second proxy on the same config is
         # refused before it binds a port or touches the state file.
         self.accounts = ConfigAccounts(config.path, config_reloader(config.path, self.router))
@@ -191,8 +192,26 @@ class ProxyService(MultiService):
         self.listener.setServiceParent(self)
         self.hub.subscribe(self._log_event)
 
+    _stopping: Deferred[None] | None = None
+
     def stopService(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stop())
+        # The console's quit and the reactor's shutdown may both ask; the
+        # second asker waits for the first stop instead of starting one.
+        if self._stopping is None:
+            self._stopping = Deferred.fromCoroutine(self._stop())
+            return self._stopping.addBoth(self._stopped)
+        waiter: Deferred[None] = Deferred()
+        if self._stopping.called:
+            waiter.callback(None)
+        else:
+            self._stop_waiters.append(waiter)
+        return waiter
+
+    def _stopped(self, result: object) -> object:
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        return result
 
     async def _stop(self) -> None:
         """

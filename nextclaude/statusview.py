@@ -80,13 +80,19 @@ def _account_lines(account: Mapping[str, Any], primary: str | None, now: float) 
         lines.append(f"  error: {account['error']}")
     windows = account.get("windows") or {}
     for window_name in sorted(windows, key=lambda w: (_WINDOW_ORDER.get(w, 2), w)):
-        lines.append(_window_line(window_name, windows[window_name], now))
+        window = windows[window_name]
+        # Overage is not a quota window: its "rejected" only says extra
+        # usage is off, which is the normal case for most accounts.
+        if window_name == "overage" or not isinstance(window, Mapping):
+            continue
+        lines.append(_window_line(window_name, window, now))
     usage = account.get("usage") or {}
     lines.append(
         f"  cache: {_hit_text(usage)} hit · {tokens(_count(usage, 'cacheReadTokens'))} read · "
         f"✎{tokens(_count(usage, 'cacheCreationTokens'))} rebuilt ({_count(usage, 'coldRebuilds')} cold)"
     )
-    requests = f"{_count(usage, 'requests')} requests"
+    count = _count(usage, "requests")
+    requests = f"{count} request{'' if count == 1 else 's'}"
     failures = _count(usage, "failures")
     if failures:
         requests += f" ({failures} failed)"

@@ -11,6 +11,7 @@ with a L{twisted.internet.task.Clock} and a fake client.
 from __future__ import annotations
 
 import enum
+import os
 import inspect
 import logging
 import time
@@ -495,7 +496,8 @@ class LogRouter:
         standard library's log records to C{path} (appended), or drop them
         when C{path} is None; then restore both.
         """
-        stream = open(path, "a", encoding="utf-8") if path else None
+        # 0600 like every file beside the config.
+        stream = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") if path else None
         previous = self.target
         self.target = cast(Callable[[Mapping[str, Any]], None], textFileLogObserver(stream)) if stream else None
         root = logging.getLogger()
