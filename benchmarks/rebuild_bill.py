@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, react
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from nextclaude.accounts import AccountsSettings
 from nextclaude.config import load_config
 from nextclaude.events import EventHub
 from nextclaude.pool import Thresholds
@@ -90,7 +91,8 @@ async def run_policy(reactor: Any, policy: str, spec: WorkloadSpec, upstream: Up
     hub = EventHub()
     moves = [0]
     hub.subscribe(lambda event: moves.__setitem__(0, moves[0] + (event.kind == "switched")))
-    service = ProxyService(virtual, load_config(config_path).with_overrides(port=0), hub=hub, policy=policy)
+    config = load_config(config_path).with_overrides(port=0)
+    service = ProxyService(virtual, config, hub=hub, policy=policy, account_settings=AccountsSettings.quiet(config))
     service.startService()
     host, port = service.address()
     url = f"http://{host}:{port}"

@@ -71,6 +71,14 @@ class AccountsSettings:
     def from_config(cls, config: Config, **overrides: Any) -> AccountsSettings:
         return cls(**{"usage_poll_minutes": config.usage_poll_minutes, **overrides})
 
+    @classmethod
+    def quiet(cls, config: Config) -> AccountsSettings:
+        """
+        For a proxy embedded in something else (the demo, benchmarks,
+        tests): no usage polling, no SIGHUP handler, no file watcher.
+        """
+        return cls.from_config(config, sighup=False, poll_usage=False, watch_interval=None)
+
 
 @dataclass
 class _Refresher:
@@ -489,7 +497,9 @@ class AccountsService(Service):
         def finished(result: object) -> None:
             if poller.inflight is attempt:
                 poller.inflight = None
-            if isinstance(result, Failure) and not result.check(CancelledError):
+            # Stopping cancels a poll in flight, which surfaces as whatever
+            # stage it was in (CancelledError, ConnectingCancelledError…).
+            if isinstance(result, Failure) and self.running and not result.check(CancelledError):
                 self._log.failure("polling the usage of {account} failed unexpectedly", result, account=name)
 
         if not attempt.called:

@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater, react
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from nextclaude import __version__, events
+from nextclaude.accounts import AccountsSettings
 from nextclaude.config import load_config, new_config_data, parse_config
 from nextclaude.events import Event
 from nextclaude.humanize import tokens
@@ -202,7 +203,7 @@ async def run_demo(
     try:
         config_path = write_demo_config(directory, f"http://127.0.0.1:{sim_port.getHost().port}", sim)
         config = load_config(config_path).with_overrides(port=0)
-        service = ProxyService(reactor, config)
+        service = ProxyService(reactor, config, account_settings=AccountsSettings.quiet(config))
         started = reactor.seconds()
         service.hub.subscribe(_Printer(out, summary, started))
         service.startService()

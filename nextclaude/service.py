@@ -16,8 +16,10 @@ from twisted.logger import Logger
 
 from nextclaude import events, paths
 from nextclaude.config import Config
-from nextclaude.control import ConfigAccounts, ControlService, config_reloader
+from nextclaude.accounts import AccountsService, AccountsSettings
+from nextclaude.control import ConfigAccounts, ControlService
 from nextclaude.events import Event, EventHub
+from nextclaude.oauth import OAuthClient
 from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.proxy import ProxyResource, ProxySite
 from nextclaude.requestlog import RequestLog
@@ -124,8 +126,9 @@ class ProxyService(MultiService):
     """
     The whole proxy.  Children start in order: the control socket (which
     refuses a second proxy on the same config), upstream client, state,
-    scheduler (whose timers need the restored quota), request log, then the
-    listening port, so no request arrives before the state is restored.
+    accounts (token refresh, usage polling, reloads), scheduler (whose
+    timers need the restored quota), request log, then the listening port,
+    so no request arrives before the state is restored.
     """
 
     _log = Logger()
@@ -138,6 +141,7 @@ class ProxyService(MultiService):
         policy: str = FULL,
         log_bodies: bool = False,
         control: bool = True,
+        account_settings: AccountsSettings | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -159,7 +163,6 @@ class ProxyService(MultiService):
         self._stop_waiters: list[Deferred[None]] = []
         # The control socket first: a second proxy on the same config is
         # refused before it binds a port or touches the state file.
-        self.accounts = ConfigAccounts(config.path, config_reloader(config.path, self.router))
         self.control: ControlService | None = None
         if control:
             self.control = ControlService(reactor, paths.socket_path(config.path), self)
@@ -171,8 +174,25 @@ class ProxyService(MultiService):
             reactor, JsonStore(state_path, paths.lock_file(config.path)), self.router
         )
         self.state.setServiceParent(self)
-        self.scheduler = Scheduler(reactor, self.router)
+        # Tokens, usage polling and reloads; after the state, so restored
+        # quota is in place before the first poll.
+        self.oauth = OAuthClient(reactor, config.oauth)
+        self.account_service = AccountsService(
+            reactor,
+            config.path,
+            self.pool,
+            self.router,
+            self.hub,
+            self.oauth,
+            account_settings if account_settings is not None else AccountsSettings.from_config(config),
+        )
+        self.account_service.setServiceParent(self)
+        self.router.can_refresh = self.account_service.can_refresh
+        # What the console's add/remove/reload keys do.
+        self.accounts = ConfigAccounts(config.path, self.account_service.reload)
+        self.scheduler = Scheduler(reactor, self.router, self.account_service.refresh)
         self.scheduler.setServiceParent(self)
+        self.account_service.quota_changed = self.scheduler.arm_expiry
         self.request_log: RequestLog | None = None
         if config.log_dir is not None:
             self.request_log = RequestLog(reactor, config.log_dir, self.hub, keep_bodies=log_bodies)

@@ -24,6 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from nextclaude.accounts import AccountsSettings
 from nextclaude.config import load_config
 from nextclaude.service import ProxyService
 
@@ -159,6 +160,9 @@ def write_config(test: Any, upstream_port: int, accounts: list[dict[str, Any]] |
         "proxy": {"port": 3456, "host": "127.0.0.1", "apiKey": PROXY_KEY},
         "upstream": f"http://127.0.0.1:{upstream_port}",
         "accounts": accounts,
+        # Nothing may reach Anthropic from a test: the OAuth endpoints point
+        # at a closed loopback port.
+        "oauth": {f"{name}Url": f"http://127.0.0.1:9/{name}" for name in ("authorize", "token", "profile", "usage")},
     }
     for key, value in extra.items():
         if key == "proxy":
@@ -173,7 +177,7 @@ def write_config(test: Any, upstream_port: int, accounts: list[dict[str, Any]] |
 def start_proxy(test: Any, config_path: Path, the_reactor: Any = reactor) -> tuple[ProxyService, str]:
     # The file must name a real port; the test listens on a free one.
     config = load_config(config_path).with_overrides(port=0)
-    service = ProxyService(the_reactor, config)
+    service = ProxyService(the_reactor, config, account_settings=AccountsSettings.quiet(config))
     service.startService()
     test.addCleanup(service.stopService)
     host, port = service.address()

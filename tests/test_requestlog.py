@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from nextclaude.accounts import AccountsSettings
 from nextclaude.config import load_config
 from nextclaude.events import EventHub
 from nextclaude.requestlog import RequestLog, masked_headers
@@ -81,7 +82,8 @@ class ProxyLogTests(TestCase):
 
         log_dir = Path(self.mktemp()).absolute()
         config_path = write_config(self, listen(self, FakeUpstream(handler)), logDir=str(log_dir))
-        service = ProxyService(reactor, load_config(config_path).with_overrides(port=0), log_bodies=True)
+        config = load_config(config_path).with_overrides(port=0)
+        service = ProxyService(reactor, config, log_bodies=True, account_settings=AccountsSettings.quiet(config))
         service.startService()
         host, port = service.address()
         body = json.dumps({"model": "claude-sonnet-4-5", "stream": True, "messages": []}).encode()
