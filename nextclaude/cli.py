@@ -116,11 +116,10 @@ def console_log_path(config_path: "Any") -> "Any":
 
 
 def _console(args: argparse.Namespace) -> int:
-    from twisted.internet.defer import Deferred
-    from twisted.internet.task import react
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from nextclaude import control, paths
+    from nextclaude.account_commands import run_async
     from nextclaude.console.app import LogRouter, Outcome, run_console
 
     config_path = paths.config_file(args.config)
@@ -134,15 +133,13 @@ def _console(args: argparse.Namespace) -> int:
         return 1
     log_router = LogRouter(textFileLogObserver(sys.stderr))
     globalLogBeginner.beginLoggingTo([log_router], redirectStandardIO=False)
-    result: list[int] = [0]
 
-    async def main(reactor: "Any") -> None:
+    async def main(reactor: "Any") -> int:
         try:
             client = await control.connect(reactor, socket)
         except control.NotRunning as error:
             print(f"nextclaude: {error}", file=sys.stderr)
-            result[0] = 1
-            return
+            return 1
         try:
             outcome = await run_console(
                 reactor,
@@ -155,14 +152,22 @@ def _console(args: argparse.Namespace) -> int:
             client.close()
         if outcome is Outcome.DISCONNECTED:
             print("nextclaude: the proxy went away", file=sys.stderr)
-            result[0] = 1
+            return 1
+        return 0
 
-    try:
-        react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
-    except SystemExit as exit:
-        if exit.code not in (0, None):
-            return int(exit.code)
-    return result[0]
+    return run_async(main)
+
+
+def _login(args: argparse.Namespace) -> int:
+    from nextclaude.account_commands import run_login
+
+    return run_login(args)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from nextclaude.account_commands import run_import
+
+    return run_import(args)
 
 
 def _install_stop_signals(reactor: "Any", service: "Any") -> None:
@@ -414,6 +419,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--no-console", action="store_true", help="plain log lines instead of the live console")
     server.set_defaults(handler=_server)
+
+    login = commands.add_parser("login", help="add a Claude subscription account (browser, OAuth) or an API key")
+    login.add_argument("--api", action="store_true", help="add an Anthropic API key instead (read without echo)")
+    login.add_argument("--manual", action="store_true", help="paste a code#state from the browser instead of a local callback")
+    login.add_argument("--no-browser", action="store_true", help="only print the URL; do not try to open a browser")
+    login.add_argument("--name", help="the account's name (default: its e-mail address)")
+    login.set_defaults(handler=_login)
+
+    import_ = commands.add_parser("import", help="import the account Claude Code is logged in with")
+    source = import_.add_mutually_exclusive_group()
+    source.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="PATH",
+        help="Claude Code's credential file (default: $CLAUDE_CONFIG_DIR or ~/.claude/.credentials.json; the Keychain on macOS)",
+    )
+    source.add_argument("--json", metavar="JSON", help="the credentials as JSON text (flat or nested)")
+    import_.add_argument("--name", help="the account's name (default: its e-mail address)")
+    import_.set_defaults(handler=_import)
 
     accounts = commands.add_parser("accounts", help="list the accounts with their tier and token status")
     accounts.add_argument("-v", "--verbose", action="store_true", help="also show e-mail, account uuid and scopes")
