@@ -48,7 +48,8 @@ class ConsoleClient(Protocol):
     AMP code.
     """
 
-    on_disconnect: Deferred[Any]
+    @property
+    def on_disconnect(self) -> Deferred[Any]: ...
 
     def snapshot(self) -> Deferred[dict[str, Any]]: ...
 
