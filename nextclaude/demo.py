@@ -9,6 +9,7 @@ The user's own config, state and port are never touched.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import sys
@@ -184,17 +185,21 @@ async def _send(http: HTTPClient, url: str, key: str, request: PlannedRequest) -
 
 
 async def run_demo(
-    reactor: Any, settings: DemoSettings, out: TextIO, advance: Callable[[float], None] | None = None
+    reactor: Any,
+    settings: DemoSettings,
+    out: TextIO,
+    advance: Callable[[float], None] | None = None,
+    console: bool = False,
 ) -> DemoSummary:
     """
     Run the whole demo once and return its figures.  Time passes for real,
     unless C{advance} is given: then the demo moves the reactor's (virtual)
-    clock itself instead of waiting.
+    clock itself instead of waiting.  With C{console}, the live console
+    shows the run instead of the event log, until the user quits it.
     """
     directory = Path(tempfile.mkdtemp(prefix="nextclaude-demo-"))
     directory.chmod(0o700)
-    upstream_spec = settings.upstream()
-    sim = upstream_spec.build(reactor)
+    sim = settings.upstream().build(reactor)
     sim.delta_interval = settings.delta_interval
     sim_port = listen_simulator(reactor, sim)
     service: ProxyService | None = None
@@ -205,11 +210,11 @@ async def run_demo(
         config = load_config(config_path).with_overrides(port=0)
         service = ProxyService(reactor, config, account_settings=AccountsSettings.quiet(config))
         started = reactor.seconds()
-        service.hub.subscribe(_Printer(out, summary, started))
+        # Nothing may write to the terminal while the console owns it.
+        service.hub.subscribe(_Printer(io.StringIO() if console else out, summary, started))
         service.startService()
         host, port = service.address()
         url = f"http://{host}:{port}"
-        spec = settings.workload()
         print(
             f"NextClaude {__version__} demo: {settings.accounts} simulated accounts with "
             f"{settings.five_hour_tokens:,} quota tokens each, {settings.sessions} Claude-Code-shaped "
@@ -219,16 +224,14 @@ async def run_demo(
             file=out,
             flush=True,
         )
-        http = HTTPClient(Agent(reactor, pool=pool))
-        driver = Driver(Workload(spec), **settings.driver_options(started))
-        while (event := driver.next_event()) is not None:
-            now, session, request = event
-            if now > reactor.seconds():
-                if advance is not None:
-                    advance(now - reactor.seconds())
-                else:
-                    await deferLater(reactor, now - reactor.seconds())
-            driver.deliver(now, session, request, await _send(http, url, config.proxy.api_key, request))
+        driver = Driver(Workload(settings.workload()), **settings.driver_options(started))
+        traffic = Deferred.fromCoroutine(
+            _traffic(reactor, driver, HTTPClient(Agent(reactor, pool=pool)), url, config.proxy.api_key, advance)
+        )
+        if console:
+            await _watch(reactor, service, traffic)
+        else:
+            await traffic
         _print_summary(out, summary, service, settings, driver.result.turns_done)
         return summary
     finally:
@@ -237,6 +240,45 @@ async def run_demo(
             await service.stopService()
         await stop_simulator(sim_port)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _traffic(
+    reactor: Any,
+    driver: Driver,
+    http: HTTPClient,
+    url: str,
+    key: str,
+    advance: Callable[[float], None] | None,
+) -> None:
+    while (event := driver.next_event()) is not None:
+        now, session, request = event
+        if now > reactor.seconds():
+            if advance is not None:
+                advance(now - reactor.seconds())
+            else:
+                await deferLater(reactor, now - reactor.seconds())
+        driver.deliver(now, session, request, await _send(http, url, key, request))
+
+
+async def _watch(reactor: Any, service: ProxyService, traffic: Deferred[None]) -> None:
+    """
+    The console on the demo's own proxy.  Quitting it (after it asks) ends
+    the demo, traffic or not.
+    """
+    from nextclaude import control, paths
+    from nextclaude.console.app import run_console
+
+    def stop_traffic() -> None:
+        if not traffic.called:
+            traffic.cancel()
+
+    client = await control.connect(reactor, paths.socket_path(service.config.path))
+    try:
+        await run_console(reactor, client, owns_proxy=True, stop_proxy=stop_traffic)
+    finally:
+        client.close()
+        stop_traffic()
+    await traffic.addErrback(lambda failure: failure.trap(CancelledError))
 
 
 def _print_summary(
@@ -272,6 +314,7 @@ def _print_summary(
 
 def main(args: argparse.Namespace) -> int:
     settings = DemoSettings(accounts=args.accounts, sessions=args.sessions, duration=args.duration)
+    console = not args.no_console and sys.stdin.isatty() and sys.stdout.isatty()
     for name in ("accounts", "sessions"):
         if getattr(settings, name) < 1:
             print(f"nextclaude demo: --{name} must be at least 1", file=sys.stderr)
@@ -281,7 +324,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     def start(reactor: Any) -> Deferred[None]:
-        running = Deferred.fromCoroutine(run_demo(reactor, settings, sys.stdout))
+        if console:
+            from twisted.logger import globalLogBeginner
+
+            from nextclaude.console.app import LogRouter
+
+            # Log lines have nowhere to go while the console owns the
+            # terminal; the demo's own figures come after it.
+            globalLogBeginner.beginLoggingTo([LogRouter(None)], redirectStandardIO=False)
+        running = Deferred.fromCoroutine(run_demo(reactor, settings, sys.stdout, console=console))
 
         def interrupted() -> Deferred[None]:
             # Ctrl-C: cancel the run so its cleanup (ports, temporary
