@@ -209,11 +209,11 @@ class ProxySite(Site):
         pass
 
 
-def request_facts(request: Request, body: bytes) -> RequestFacts:
+def request_facts(request: Request, body: bytes, router: Router) -> RequestFacts:
     session = request.requestHeaders.getRawHeaders(b"x-claude-code-session-id")
     # Only a POST to the Messages API belongs to a conversation.
     path = request.path if request.method == b"POST" else b""
-    return inspect_request(path, session[-1] if session else None, body)
+    return inspect_request(path, session[-1] if session else None, body, router.landing_pending)
 
 
 def upstream_headers(client: Headers, account: Account) -> Headers:
@@ -467,7 +467,7 @@ class ProxyResource(Resource):
         request_id = self._next_id
         started = self._reactor.seconds()
         body = request.content.getvalue()
-        facts = request_facts(request, body)
+        facts = request_facts(request, body, self._router)
         exchange = self._router.open(facts)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
@@ -502,7 +502,7 @@ class ProxyResource(Resource):
             return await self._fetch(request, account, body, timeout)
 
         outcome = await self._scheduler.dispatch(
-            exchange, send, self._discard, lambda: bool(gone), streaming=_STREAM_RE.search(body) is not None
+            exchange, send, self._discard, lambda: bool(gone), streaming=lambda: _STREAM_RE.search(body) is not None
         )
         decision, response = outcome.decision, outcome.response
         account = decision.account

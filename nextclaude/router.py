@@ -277,6 +277,14 @@ class Router:
 
     # -- one request ---------------------------------------------------------------
 
+    def landing_pending(self, key: str) -> bool:
+        """
+        Whether the session waits for its post-compaction request (so the
+        request inspector knows the continuation marker matters).
+        """
+        session = self.sessions.get(key)
+        return session is not None and session.compaction_pending_since is not None
+
     def open(self, facts: RequestFacts) -> Exchange:
         """
         Start following a client request: its session and the moment it

