@@ -106,7 +106,9 @@ class ListenService(Service):
         # in use fails the start with nothing to undo (no state saver
         # running, no state file rewritten by a proxy that never served).
         if self.port is None:
-            self.port = self._reactor.listenTCP(self._port_number, self._site, interface=self._host)
+            # A deep accept queue: a burst of new connections (Claude Code
+            # opening several at once) must not lose SYNs to a 1 s retry.
+            self.port = self._reactor.listenTCP(self._port_number, self._site, backlog=511, interface=self._host)
         super().privilegedStartService()
 
     def startService(self) -> None:

@@ -54,7 +54,7 @@ def quota_report(response: IResponse, now: float) -> QuotaReport:
 
 # Enough idle connections per host for a busy pool of Claude Code sessions
 # (the default of 2 would make most requests pay a new TLS handshake).
-MAX_PERSISTENT_PER_HOST = 32
+MAX_PERSISTENT_PER_HOST = 128
 
 CONNECT_TIMEOUT = 30.0
 
