@@ -67,13 +67,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
+
+from nextclaude.upstream import BytesProducer
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -619,7 +620,7 @@ class Load:
         headers = Headers(raw)
         sample = Sample(start=time.perf_counter())
         try:
-            pending = self.agent.request(b"POST", url, headers, _Body(body))
+            pending = self.agent.request(b"POST", url, headers, BytesProducer(body))
             pending.addTimeout(self.timeout, self.reactor)
             response = await pending
             sample.status = response.code
@@ -706,28 +707,6 @@ class Load:
                 bad = [s for s in results if not s.ok]
                 if bad:
                     raise RuntimeError(f"warm-up {target} requests failed: {bad[0].error}")
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """The request body in one write, its length known up front."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Any:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @implementer(IProtocol)
