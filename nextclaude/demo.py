@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from contextlib import suppress
 import json
 import shutil
 import sys
@@ -333,15 +334,24 @@ def main(args: argparse.Namespace) -> int:
             # terminal; the demo's own figures come after it.
             globalLogBeginner.beginLoggingTo([LogRouter(None)], redirectStandardIO=False)
         running = Deferred.fromCoroutine(run_demo(reactor, settings, sys.stdout, console=console))
+        cleaned_up: Deferred[None] = Deferred()
 
         def interrupted() -> Deferred[None]:
-            # Ctrl-C: cancel the run so its cleanup (ports, temporary
-            # directory) happens before the reactor stops.
+            # Ctrl-C: cancel the run; the reactor waits for its cleanup
+            # (ports, temporary directory) before it stops.
             running.cancel()
-            return running.addErrback(lambda failure: failure.trap(CancelledError))
+            return cleaned_up
 
         trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
-        return running.addBoth(lambda result: (reactor.removeSystemEventTrigger(trigger), result)[1])
+
+        def settle(result: object) -> object:
+            if not cleaned_up.called:
+                cleaned_up.callback(None)
+            with suppress(ValueError):
+                reactor.removeSystemEventTrigger(trigger)
+            return result
+
+        return running.addErrback(lambda failure: failure.trap(CancelledError)).addBoth(settle)
 
     react(start)
     return 0

@@ -128,3 +128,24 @@ class DemoTests(TestCase):
         self.assertNotIn("mine", text)
         self.assertEqual(self.user_config.read_bytes(), original)
         self.assertEqual(sorted(os.listdir(self.user_config.parent)), ["config.json"])
+
+
+class InterruptTests(TestCase):
+    async def test_ctrl_c_exits_cleanly(self) -> None:
+        """
+        Ctrl-C (SIGINT) during `nextclaude demo --no-console` stops it with
+        exit status 0, no traceback, and its temporary directory removed.
+        """
+        import signal
+
+        from tests.support import spawn_nextclaude
+
+        tmp = Path(self.mktemp()).absolute()
+        tmp.mkdir()
+        watcher = spawn_nextclaude(self, "demo", "--no-console", "--duration", "60", extra_env={"TMPDIR": str(tmp)})
+        await watcher.line_matching(rb"\n +[0-9.]+s  200 ")
+        watcher.transport.signalProcess(signal.SIGINT)
+        reason = await watcher.ended
+        self.assertEqual(reason.exitCode, 0, watcher.output)
+        self.assertNotIn("Traceback", watcher.output)
+        self.assertEqual(os.listdir(tmp), [])
