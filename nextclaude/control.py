@@ -449,7 +449,23 @@ async def _settle(value: Awaitable[T] | T) -> T:
 # -- the server ----------------------------------------------------------------
 
 
-class ControlServerProtocol(amp.AMP):
+class _QuietAMP(amp.AMP):
+    """
+    AMP without its info line per connection: every `nextclaude status`
+    would otherwise add two lines to the proxy's log.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class ControlServerProtocol(_QuietAMP):
     """
     One console's connection.  Answers the commands against the proxy and,
     once subscribed, pushes events with bounded outstanding pushes.
@@ -798,7 +814,7 @@ def claim_socket_path(path: Path, timeout: float = PROBE_TIMEOUT) -> None:
 # -- the Twisted client ----------------------------------------------------------
 
 
-class _ClientProtocol(amp.AMP):
+class _ClientProtocol(_QuietAMP):
     _log = Logger()
 
     def __init__(self) -> None:
