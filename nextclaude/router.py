@@ -383,10 +383,12 @@ class Router:
             return self._move(exchange, session, now, family, exchange.next_reason or CEILING)
 
         if session.key in self._to_manual:
-            self._to_manual.discard(session.key)
             manual = pool.get(self.manual)
             if self._usable(manual, now, family, exchange.tried) and self._below_switch(manual, now):
+                self._to_manual.discard(session.key)
                 return manual, MANUAL
+            # The pin cannot take it right now (throttled, say): the move
+            # waits for a request when it can.
 
         cheap = _CHEAP_MOMENTS.get(exchange.moment)
         if cheap is None:

@@ -974,6 +974,20 @@ class ManualPinTests(RouterCase):
         self.assertEqual(self.where(landing(X)), ("b", LANDED_AFTER_COMPACTION))
         self.assertEqual(self.where(turn(OTHER)), ("b", MANUAL))
 
+    def test_pin_move_waits_while_pin_cannot_serve(self) -> None:
+        """
+        A session's move to the pin waits while the pinned account cannot
+        serve (throttled): it stays where it is meanwhile, and moves (reason
+        manual) on its first request once the pin can take it.
+        """
+        self.build("a", "b")
+        self.serve(turn(X))
+        self.router.pin("b")
+        self.router.pool.get("b").throttled_until = self.clock.seconds() + 60
+        self.assertEqual(self.where(turn(X)), ("a", AFFINITY))
+        self.clock.advance(61)
+        self.assertEqual(self.where(turn(X)), ("b", MANUAL))
+
     def test_pin_none_clears(self) -> None:
         """
         pin(None) clears the pin (an event with no account): sessions not yet
