@@ -22,7 +22,7 @@ from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from nextclaude.accounts import AccountsSettings
 from nextclaude.config import load_config
@@ -306,3 +306,29 @@ def spawn_nextclaude(test: Any, *args: str, extra_env: dict[str, str] | None = N
     Run `python -m nextclaude ARGS` from the checkout.
     """
     return spawn(test, [sys.executable, "-m", "nextclaude", *args], extra_env)
+
+
+def holding_stream(seen: Seen) -> int:
+    """
+    An upstream handler that starts a stream (message_start) and holds the
+    rest until the test writes it.
+    """
+    seen.request.setHeader(b"content-type", b"text/event-stream")
+    seen.request.write(message_start())
+    return NOT_DONE_YET
+
+
+STREAM_BODY = json.dumps({"model": "claude-sonnet-4-5", "stream": True, "messages": []}).encode()
+
+
+async def open_stream(test: Any, url: str, upstream: FakeUpstream) -> tuple[ChunkCollector, Seen]:
+    """
+    Start a streamed request through the proxy at C{url}; returns once its
+    first chunk reached the client and the upstream holds the request.
+    """
+    arrived = upstream.next_request()
+    response = await client(test).post(url + "/v1/messages", data=STREAM_BODY, headers=auth(), unbuffered=True)
+    collector = ChunkCollector()
+    response.deliverBody(collector)
+    await collector.first
+    return collector, await arrived

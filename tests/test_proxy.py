@@ -24,10 +24,12 @@ from tests.support import (
     Seen,
     auth,
     client,
+    holding_stream,
     json_reply,
     listen,
     message_end,
     message_start,
+    open_stream,
     start_proxy,
     text_delta,
     write_config,
@@ -338,20 +340,9 @@ class FailureTests(TestCase):
         When the client goes away mid-stream, the proxy drops its upstream
         connection: the upstream request sees its connection lost.
         """
-
-        def handler(seen: Seen) -> int:
-            seen.request.setHeader(b"content-type", b"text/event-stream")
-            seen.request.write(message_start())
-            return NOT_DONE_YET
-
-        upstream = FakeUpstream(handler)
+        upstream = FakeUpstream(holding_stream)
         service, url = start_proxy(self, write_config(self, listen(self, upstream)))
-        arrived = upstream.next_request()
-        response = await client(self).post(url + "/v1/messages", data=MESSAGE_BODY, headers=auth(), unbuffered=True)
-        collector = ChunkCollector()
-        response.deliverBody(collector)
-        await collector.first
-        seen = await arrived
+        collector, seen = await open_stream(self, url, upstream)
         collector.transport.stopProducing()
         result = await seen.gone.addErrback(lambda failure: failure.value)
         self.assertIsNotNone(result)
@@ -363,20 +354,9 @@ class FailureTests(TestCase):
         ends in an error (the chunked body is cut), never with a made-up
         message_stop, and the request counts as failed.
         """
-
-        def handler(seen: Seen) -> int:
-            seen.request.setHeader(b"content-type", b"text/event-stream")
-            seen.request.write(message_start())
-            return NOT_DONE_YET
-
-        upstream = FakeUpstream(handler)
+        upstream = FakeUpstream(holding_stream)
         service, url = start_proxy(self, write_config(self, listen(self, upstream)))
-        arrived = upstream.next_request()
-        response = await client(self).post(url + "/v1/messages", data=MESSAGE_BODY, headers=auth(), unbuffered=True)
-        collector = ChunkCollector()
-        response.deliverBody(collector)
-        await collector.first
-        seen = await arrived
+        collector, seen = await open_stream(self, url, upstream)
         seen.request.channel.transport.abortConnection()
         reason = await collector.done
         await seen.gone.addErrback(lambda failure: None)
@@ -428,21 +408,10 @@ class FailureTests(TestCase):
         cut; data that keeps arriving keeps the stream alive.
         """
         clock = Clock()
-
-        def handler(seen: Seen) -> int:
-            seen.request.setHeader(b"content-type", b"text/event-stream")
-            seen.request.write(message_start())
-            return NOT_DONE_YET
-
-        upstream = FakeUpstream(handler)
+        upstream = FakeUpstream(holding_stream)
         config = write_config(self, listen(self, upstream), proxy={"streamIdleTimeout": 60})
         service, url = start_proxy(self, config, VirtualTimeReactor(reactor, clock))
-        arrived = upstream.next_request()
-        response = await client(self).post(url + "/v1/messages", data=MESSAGE_BODY, headers=auth(), unbuffered=True)
-        collector = ChunkCollector()
-        response.deliverBody(collector)
-        await collector.first
-        seen = await arrived
+        collector, seen = await open_stream(self, url, upstream)
         clock.advance(59)
         seen.request.write(text_delta("still here"))
         second: Deferred[None] = Deferred()

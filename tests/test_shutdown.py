@@ -11,7 +11,6 @@ import signal
 
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
-from twisted.web.server import NOT_DONE_YET
 
 from tests.support import (
     ChunkCollector,
@@ -19,15 +18,14 @@ from tests.support import (
     Seen,
     auth,
     client,
+    holding_stream,
     listen,
     message_end,
-    message_start,
+    open_stream,
     spawn_nextclaude,
     text_delta,
     write_config,
 )
-
-BODY = json.dumps({"model": "claude-sonnet-4-5", "stream": True, "messages": []}).encode()
 
 
 class ShutdownTests(TestCase):
@@ -36,21 +34,11 @@ class ShutdownTests(TestCase):
         A server process with one stream in flight, held by the upstream.
         """
 
-        def handler(seen: Seen) -> int:
-            seen.request.setHeader(b"content-type", b"text/event-stream")
-            seen.request.write(message_start())
-            return NOT_DONE_YET
-
-        upstream = FakeUpstream(handler)
+        upstream = FakeUpstream(holding_stream)
         config = write_config(self, listen(self, upstream), proxy={"shutdownGrace": grace})
         watcher = spawn_nextclaude(self, "--config", str(config), "server", "--port", "0", "--no-console")
         url = (await watcher.line_matching(rb"listening on (http://127\.0\.0\.1:\d+)")).group(1).decode()
-        arrived = upstream.next_request()
-        response = await client(self).post(url + "/v1/messages", data=BODY, headers=auth(), unbuffered=True)
-        collector = ChunkCollector()
-        response.deliverBody(collector)
-        await collector.first
-        seen = await arrived
+        collector, seen = await open_stream(self, url, upstream)
         self.config = config
         return watcher, url, upstream, collector, seen
 
