@@ -22,6 +22,7 @@ from typing import Any, Callable, TextIO
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater, react
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from nextclaude import __version__, events
@@ -335,12 +336,19 @@ def main(args: argparse.Namespace) -> int:
             globalLogBeginner.beginLoggingTo([LogRouter(None)], redirectStandardIO=False)
         running = Deferred.fromCoroutine(run_demo(reactor, settings, sys.stdout, console=console))
         cleaned_up: Deferred[None] = Deferred()
+        cancelled: list[bool] = []
 
         def interrupted() -> Deferred[None]:
             # Ctrl-C: cancel the run; the reactor waits for its cleanup
             # (ports, temporary directory) before it stops.
+            cancelled.append(True)
             running.cancel()
             return cleaned_up
+
+        def quiet_if_cancelled(failure: Failure) -> Failure | None:
+            # Cancelling surfaces as whatever the run was awaiting (a
+            # CancelledError, or a request that never got its response).
+            return None if cancelled else failure
 
         trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
 
@@ -351,7 +359,7 @@ def main(args: argparse.Namespace) -> int:
                 reactor.removeSystemEventTrigger(trigger)
             return result
 
-        return running.addErrback(lambda failure: failure.trap(CancelledError)).addBoth(settle)
+        return running.addErrback(quiet_if_cancelled).addBoth(settle)
 
     react(start)
     return 0
