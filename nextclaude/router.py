@@ -220,6 +220,16 @@ class Router:
             return
         successor = self._pick_successor(primary, now)
         if successor is None:
+            if not pool.serviceable(primary, now, ACCOUNT_WIDE):
+                # Out, and no account below the threshold to take over: the
+                # best one that can still serve leads, even past the switch
+                # threshold, rather than an account that cannot serve.
+                fallback = self._best(now, ACCOUNT_WIDE, lambda account: account.name == primary.name)
+                if fallback is not None:
+                    self.draining.discard(fallback.name)
+                    self.successor = None
+                    self._set_primary(fallback)
+                return
             # Armed with nowhere to go: its sessions stay until the ceiling.
             if primary.name not in self._armed_alone:
                 self._armed_alone.add(primary.name)

@@ -547,6 +547,25 @@ class ArmingTests(RouterCase):
         self.assertEqual(self.flags("c"), ["primary", "successor"])
         self.assertEqual(self.where(turn(NEW)), ("c", PRIMARY))
 
+    def test_successor_out_with_only_the_draining_account_left(self) -> None:
+        """
+        When the successor runs out and the only account that can still
+        serve is the draining one (past the switch threshold, below the
+        ceiling), that account becomes the primary again: the primary flag
+        never stays on an account that cannot serve.
+        """
+        self.build("a", "b")
+        self.serve(turn(X))
+        self.quota["a"] = headers(0.985, 0.5)
+        self.serve(turn(X))
+        self.assertEqual(self.router.primary, "b")
+        self.assertEqual(self.where(turn(NEW)), ("b", PRIMARY))
+        self.quota["b"] = spent()
+        self.assertEqual(self.where(turn(NEW), {"b": [Reply(429, spent())]}), ("a", QUOTA_429))
+        self.assertEqual(self.router.primary, "a")
+        self.assertEqual(self.status("b"), "exhausted")
+        self.assertEqual(self.flags("b"), [])
+
     def test_armed_without_successor(self) -> None:
         """
         With no other serviceable account the primary stays armed without a
