@@ -75,6 +75,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from nextclaude.upstream import BytesProducer
+from nextclaude.workload import claude_code_headers as workload_headers
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -86,8 +87,6 @@ USER_TOKEN = "sk-ant-oat01-the-users-own-token"
 ACCOUNTS = 3
 HUGE_QUOTA = 10**15
 MODEL = "claude-sonnet-4-5-20250929"
-OAUTH_BETA = "oauth-2025-04-20"
-BETAS = f"claude-code-20250219,{OAUTH_BETA},interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_INTERVAL = 0.1
 
@@ -244,23 +243,12 @@ def claude_code_body(size: int, session_id: str, seed: int) -> bytes:
 
 def claude_code_headers(session_id: str, case: Case, credential: str, proxied: bool) -> dict[bytes, list[bytes]]:
     headers = {
-        "accept": "application/json",
-        "accept-encoding": "gzip, deflate, br, zstd",
-        "anthropic-beta": BETAS,
-        "anthropic-dangerous-direct-browser-access": "true",
-        "anthropic-version": "2023-06-01",
-        "content-type": "application/json",
-        "user-agent": "claude-cli/2.1.0 (external, cli)",
-        "x-app": "cli",
-        "x-claude-code-session-id": session_id,
+        **workload_headers(session_id),
         "x-stainless-arch": "x64",
-        "x-stainless-lang": "js",
         "x-stainless-os": "Linux",
         "x-stainless-package-version": "0.60.0",
-        "x-stainless-retry-count": "0",
         "x-stainless-runtime": "node",
         "x-stainless-runtime-version": "v22.12.0",
-        "x-stainless-timeout": "600",
         "x-sim-deltas": str(case.deltas),
         "x-sim-delta-interval-ms": str(case.interval_ms),
         "authorization": f"Bearer {credential}",

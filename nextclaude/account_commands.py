@@ -226,14 +226,10 @@ def run_import(args: argparse.Namespace) -> int:
             # A re-import from the same file updates what it imported before.
             name = next((a.name for a in current.accounts if a.import_from == source and not args.name), None)
         name = name or args.name or (profile.email if profile and profile.email else _free_name(current, "claude-code"))
-        fields: dict[str, Any] = {
-            "accessToken": credentials.access_token,
-            "refreshToken": credentials.refresh_token,
-            "expiresAt": credentials.expires_at_ms,
-            **_profile_fields(profile, credentials.tier),
-        }
-        if credentials.scopes:
-            fields["scopes"] = list(credentials.scopes)
+        tokens = TokenSet(
+            credentials.access_token, credentials.refresh_token, credentials.expires_at_ms, credentials.scopes
+        )
+        fields: dict[str, Any] = {**tokens.account_fields(), **_profile_fields(profile, credentials.tier)}
         if source is not None:
             fields["importFrom"] = source
         done = _save(path, current, name, fields)

@@ -182,6 +182,26 @@ def _tool_id(rng: random.Random) -> str:
     return "toolu_01" + "".join(rng.choices(alphabet, k=22))
 
 
+def claude_code_headers(session_id: str) -> dict[str, str]:
+    """
+    The headers Claude Code sends with a Messages request (no credential).
+    """
+    return {
+        "accept": "application/json",
+        "accept-encoding": "gzip, deflate, br, zstd",
+        "anthropic-beta": BETAS,
+        "anthropic-dangerous-direct-browser-access": "true",
+        "anthropic-version": "2023-06-01",
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "x-app": "cli",
+        "x-claude-code-session-id": session_id,
+        "x-stainless-lang": "js",
+        "x-stainless-retry-count": "0",
+        "x-stainless-timeout": "600",
+    }
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     """
@@ -444,20 +464,7 @@ class ConversationSim:
     # -- planning
 
     def _headers(self, output_tokens: int | None) -> dict[str, str]:
-        headers = {
-            "accept": "application/json",
-            "accept-encoding": "gzip, deflate, br, zstd",
-            "anthropic-beta": BETAS,
-            "anthropic-dangerous-direct-browser-access": "true",
-            "anthropic-version": "2023-06-01",
-            "content-type": "application/json",
-            "user-agent": USER_AGENT,
-            "x-app": "cli",
-            "x-claude-code-session-id": self.session_id,
-            "x-stainless-lang": "js",
-            "x-stainless-retry-count": "0",
-            "x-stainless-timeout": "600",
-        }
+        headers = claude_code_headers(self.session_id)
         if output_tokens is not None:
             headers["x-sim-output-tokens"] = str(output_tokens)
         return headers
