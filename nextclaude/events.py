@@ -24,6 +24,9 @@ RECOVERED = "recovered"
 PIN_CHANGED = "pin-changed"
 EXHAUSTED = "exhausted"
 ACCOUNT_ERROR = "account-error"
+# The problems list changed (nextclaude.problems).
+PROBLEM_RAISED = "problem-raised"
+PROBLEM_CLEARED = "problem-cleared"
 
 Listener = Callable[["Event"], None]
 

@@ -20,6 +20,7 @@ from nextclaude.accounts import AccountsService, AccountsSettings
 from nextclaude.control import ConfigAccounts, ControlService
 from nextclaude.events import Event, EventHub
 from nextclaude.oauth import OAuthClient
+from nextclaude.problems import Problems
 from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.proxy import ProxyResource, ProxySite
 from nextclaude.requestlog import RequestLog
@@ -149,6 +150,7 @@ class ProxyService(MultiService):
         self.reactor = reactor
         self.config = config
         self.hub = hub if hub is not None else EventHub()
+        self.problems = Problems(self.hub, reactor.seconds)
         self.pool = AccountPool(
             config.accounts,
             Thresholds(switch=config.switch_threshold, hard=config.hard_threshold),
@@ -267,7 +269,8 @@ class ProxyService(MultiService):
 
     def status(self) -> dict[str, Any]:
         host, port = self.address()
-        return snapshot(self.router, self.reactor.seconds(), self.started_at, host, port)
+        self.problems.sync_accounts({account.name: account.error for account in self.pool})
+        return snapshot(self.router, self.reactor.seconds(), self.started_at, host, port, self.problems.snapshot())
 
     def _log_event(self, event: Event) -> None:
         # Routing events are worth a plain log line; per-request ones are

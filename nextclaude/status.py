@@ -46,6 +46,7 @@ def snapshot(
     started: float,
     host: str | None,
     port: int | None,
+    problems: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     accounts = [account_snapshot(router, account, now) for account in router.pool]
     totals: dict[str, int] = {}
@@ -64,4 +65,6 @@ def snapshot(
         "hardThreshold": router.pool.thresholds.hard,
         "totals": totals,
         "accounts": accounts,
+        # Each {account (or null), kind, message, since}: see nextclaude.problems.
+        "problems": list(problems or []),
     }
