@@ -2,7 +2,8 @@
 Problems the user must see until they are resolved: a rotated token that
 could not be saved, a request log that cannot be written, a dead
 credential.  One registry per proxy; every change is announced on the
-event stream (C{problem-raised} / C{problem-cleared}) and the current list
+event stream (C{problem-raised} / C{problem-cleared}, the problem's kind
+in their C{problem} field) and the current list
 is part of the status snapshot (C{problems}), so C{nextclaude status}, its
 C{--json} and the console all show the same thing.
 
@@ -70,12 +71,13 @@ class Problems:
         now = self._clock()
         problem = Problem(account, kind, message, old.since if old is not None else now)
         self._items[key] = problem
-        self._hub.emit(events.PROBLEM_RAISED, now, **problem.to_json())
+        # "problem", not "kind": an event's own kind is the event type.
+        self._hub.emit(events.PROBLEM_RAISED, now, account=account, problem=kind, message=message, since=problem.since)
 
     def clear(self, account: str | None, kind: str) -> None:
         problem = self._items.pop((account, kind), None)
         if problem is not None:
-            self._hub.emit(events.PROBLEM_CLEARED, self._clock(), account=account, kind=kind)
+            self._hub.emit(events.PROBLEM_CLEARED, self._clock(), account=account, problem=kind)
 
     def clear_account(self, account: str) -> None:
         """

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from nextclaude.humanize import duration, tokens
+from nextclaude.problems import ACCOUNT_ERROR
 
 # The windows people know by name come first; any other the headers name
 # (per-model weekly windows, say) follows in name order.
@@ -103,10 +104,28 @@ def _account_lines(account: Mapping[str, Any], primary: str | None, now: float) 
     return lines
 
 
+def problem_lines(snapshot: Mapping[str, Any]) -> list[str]:
+    """
+    The snapshot's problems as one line each, oldest first.  An account
+    error is left out: the account's own block already says it.
+    """
+    lines = []
+    for problem in snapshot.get("problems") or []:
+        if not isinstance(problem, Mapping) or problem.get("kind") == ACCOUNT_ERROR:
+            continue
+        message = str(problem.get("message") or problem.get("kind") or "unknown problem")
+        account = problem.get("account")
+        if isinstance(account, str) and not message.startswith(account):
+            message = f"{account}: {message}"
+        lines.append(message)
+    return lines
+
+
 def render_status(snapshot: Mapping[str, Any], now: float) -> str:
     """
     The snapshot as PRODUCT.md's `nextclaude status` text: a header, the
-    C{Active:} line with the totals, then one block per account (C{>} marks
+    C{Active:} line with the totals, the unresolved problems, then one
+    block per account (C{>} marks
     the primary, C{★ manual} the pin).  Countdowns count from C{now}.
     """
     accounts = snapshot.get("accounts") or []
@@ -126,6 +145,10 @@ def render_status(snapshot: Mapping[str, Any], now: float) -> str:
     active.append(f"↑{tokens(_count(totals, 'inputTokens'))} ↓{tokens(_count(totals, 'outputTokens'))}")
     active.append(f"{_count(totals, 'requests')} reqs")
     lines.append("Active: " + " · ".join(active))
+    shown = problem_lines(snapshot)
+    if shown:
+        lines.append("Problems:")
+        lines.extend(f"  ! {text}" for text in shown)
     for account in accounts:
         lines.extend(_account_lines(account, primary, now))
     return "\n".join(lines)

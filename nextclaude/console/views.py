@@ -18,6 +18,8 @@ from urwid import calc_width
 from nextclaude import events as kinds
 from nextclaude.console import palette as p
 from nextclaude.humanize import duration, tokens
+from nextclaude.problems import ACCOUNT_ERROR as ACCOUNT_ERROR_KIND
+from nextclaude.statusview import problem_lines
 
 Segment = tuple[str | None, str]
 Line = list[Segment]
@@ -297,7 +299,25 @@ def header_lines(snapshot: Snapshot | None, now: float, width: int) -> list[Line
     if snapshot is None:
         return [[(p.TITLE, "NextClaude"), (p.HEADER_DIM, " · waiting for the proxy's status…")]]
     lines = pack(header_parts(snapshot, now), width, attr=p.HEADER_DIM)
-    return [line + [(p.HEADER, " " * max(0, width - line_width(line)))] for line in lines]
+    lines = [line + [(p.HEADER, " " * max(0, width - line_width(line)))] for line in lines]
+    return lines + problem_rows(snapshot, width)
+
+
+# A problem stays on screen until it is resolved, so a long list must not
+# push the accounts away: past this many, one line counts the rest.
+MAX_PROBLEM_ROWS = 3
+
+
+def problem_rows(snapshot: Snapshot, width: int) -> list[Line]:
+    """
+    The unresolved problems (an account error shows on its card instead),
+    one clipped row each, at most L{MAX_PROBLEM_ROWS}.
+    """
+    texts = problem_lines(snapshot)
+    if len(texts) > MAX_PROBLEM_ROWS:
+        more = len(texts) - (MAX_PROBLEM_ROWS - 1)
+        texts = texts[: MAX_PROBLEM_ROWS - 1] + [f"{more} more problems: see `nextclaude status`"]
+    return [clip_line([(p.BAD, f"! {text}")], width) for text in texts]
 
 
 # -- account cards ---------------------------------------------------------------
@@ -666,6 +686,11 @@ def event_text(event: Mapping[str, Any], now: float) -> tuple[str, str] | None:
         return p.EVENT_BAD, f"✗ exhausted {account}{tail}"
     if kind == kinds.ACCOUNT_ERROR:
         return p.EVENT_BAD, f"! error {account}: {event.get('message') or 'unknown'}"
+    # An account error already has its own row, above.
+    if kind == kinds.PROBLEM_RAISED and event.get("problem") != ACCOUNT_ERROR_KIND:
+        return p.EVENT_BAD, f"! {event.get('message') or event.get('problem')}"
+    if kind == kinds.PROBLEM_CLEARED and event.get("problem") != ACCOUNT_ERROR_KIND:
+        return p.EVENT_GOOD, f"✓ resolved {event.get('problem')}" + (f" ({account})" if account else "")
     return None
 
 

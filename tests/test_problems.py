@@ -1,0 +1,207 @@
+"""
+Tests for nextclaude.problems: the registry of unresolved problems, its
+events, and how status and the console show it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from nextclaude import events
+from nextclaude.console import views
+from nextclaude.events import Event, EventHub
+from nextclaude.problems import ACCOUNT_ERROR, REQUEST_LOG, TOKEN_IN_MEMORY, TOKEN_UNSAVED, Problems
+from nextclaude.statusview import problem_lines, render_status
+from tests.support import auth, client, start_proxy, write_config
+
+NOW = 1_750_000_000.0
+
+
+class RegistryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.hub = EventHub()
+        self.seen: list[Event] = []
+        self.hub.subscribe(self.seen.append)
+        self.problems = Problems(self.hub, self.clock.seconds)
+
+    def kinds(self) -> list[tuple[str, Any]]:
+        return [(e.kind, e.data.get("problem")) for e in self.seen if e.kind.startswith("problem")]
+
+    def test_raise_and_clear_emit_events(self) -> None:
+        """
+        Raising a problem puts it in the snapshot and emits problem-raised
+        with the problem's kind in its C{problem} field (the event's own
+        kind stays the event type); clearing removes it and emits
+        problem-cleared once.
+        """
+        self.problems.raise_problem("alice", TOKEN_UNSAVED, "alice: new token not saved yet")
+        self.assertEqual(
+            self.problems.snapshot(),
+            [{"account": "alice", "kind": TOKEN_UNSAVED, "message": "alice: new token not saved yet", "since": NOW}],
+        )
+        self.problems.clear("alice", TOKEN_UNSAVED)
+        self.problems.clear("alice", TOKEN_UNSAVED)
+        self.assertEqual(self.problems.snapshot(), [])
+        self.assertEqual(
+            self.kinds(), [(events.PROBLEM_RAISED, TOKEN_UNSAVED), (events.PROBLEM_CLEARED, TOKEN_UNSAVED)]
+        )
+        self.assertEqual(self.seen[0].to_json()["kind"], events.PROBLEM_RAISED)
+
+    def test_raising_again_keeps_since(self) -> None:
+        """
+        The same problem raised again with the same message is no news (no
+        event); with a new message it is announced again but keeps when it
+        began.
+        """
+        self.problems.raise_problem(None, REQUEST_LOG, "disk full")
+        self.clock.advance(30)
+        self.problems.raise_problem(None, REQUEST_LOG, "disk full")
+        self.problems.raise_problem(None, REQUEST_LOG, "permission denied")
+        (only,) = self.problems.snapshot()
+        self.assertEqual((only["message"], only["since"]), ("permission denied", NOW))
+        self.assertEqual(len(self.kinds()), 2)
+
+    def test_account_error_events_and_sync(self) -> None:
+        """
+        An account-error event raises an account-error problem; syncing
+        with the accounts' error fields clears it once the account works
+        again, and drops every problem of an account that is gone.
+        """
+        self.hub.emit(events.ACCOUNT_ERROR, NOW, account="bob", message="the API key was rejected (401)")
+        self.problems.raise_problem("carol", TOKEN_IN_MEMORY, "carol: new token held only in memory")
+        self.assertTrue(self.problems.active("bob", ACCOUNT_ERROR))
+        self.problems.sync_accounts({"bob": None, "alice": "the OAuth grant is no longer valid"})
+        self.assertFalse(self.problems.active("bob", ACCOUNT_ERROR))
+        self.assertTrue(self.problems.active("alice", ACCOUNT_ERROR))
+        self.assertFalse(self.problems.active("carol", TOKEN_IN_MEMORY))
+
+    def test_order_is_oldest_first(self) -> None:
+        """
+        The snapshot lists problems oldest first, whatever order they were
+        raised in per account.
+        """
+        self.problems.raise_problem("zed", TOKEN_UNSAVED, "zed: later")
+        self.clock.advance(-10)
+        self.problems.raise_problem("amy", TOKEN_UNSAVED, "amy: earlier")
+        self.assertEqual([p["account"] for p in self.problems.snapshot()], ["amy", "zed"])
+
+
+def snapshot_with(problems: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "version": "0.1.0",
+        "startedAt": NOW - 60,
+        "primary": "alice",
+        "accounts": [
+            {"name": "alice", "tier": "Max", "status": "error", "error": "the API key was rejected (401)"},
+        ],
+        "problems": problems,
+    }
+
+
+PROBLEMS = [
+    {"account": "alice", "kind": ACCOUNT_ERROR, "message": "the API key was rejected (401)", "since": NOW},
+    {"account": "bob", "kind": TOKEN_IN_MEMORY, "message": "bob: new token held only in memory; after a stop bob needs `nextclaude login`", "since": NOW},
+    {"account": None, "kind": REQUEST_LOG, "message": "the request log cannot be written: disk full", "since": NOW},
+    {"account": "carol", "kind": TOKEN_UNSAVED, "message": "new token kept in recovery-carol.json", "since": NOW},
+]
+
+
+class ShownTests(SynchronousTestCase):
+    def test_status_text_lists_problems(self) -> None:
+        """
+        `nextclaude status` shows a Problems block under the Active line,
+        one line each, naming the account when the message does not; an
+        account error is shown once, in the account's own block.
+        """
+        text = render_status(snapshot_with(PROBLEMS), NOW)
+        lines = text.splitlines()
+        start = lines.index("Problems:")
+        self.assertEqual(
+            lines[start + 1 : start + 4],
+            [
+                "  ! bob: new token held only in memory; after a stop bob needs `nextclaude login`",
+                "  ! the request log cannot be written: disk full",
+                "  ! carol: new token kept in recovery-carol.json",
+            ],
+        )
+        self.assertEqual(text.count("the API key was rejected (401)"), 1)
+
+    def test_status_without_problems(self) -> None:
+        """
+        No problems (or an older proxy without the field): no Problems block.
+        """
+        self.assertNotIn("Problems:", render_status(snapshot_with([]), NOW))
+        old = snapshot_with([])
+        del old["problems"]
+        self.assertNotIn("Problems:", render_status(old, NOW))
+        self.assertEqual(problem_lines({"problems": ["junk", None]}), [])
+
+    def test_console_header_shows_problems_clipped(self) -> None:
+        """
+        The console header gains one row per problem, clipped to the
+        width; past three, the last row counts the rest.
+        """
+        rows = views.problem_rows(snapshot_with(PROBLEMS), 40)
+        texts = [views.line_text(row) for row in rows]
+        self.assertEqual(len(texts), 3)
+        self.assertTrue(texts[0].startswith("! bob: new token held only"))
+        self.assertTrue(all(views.width_of(t) <= 40 for t in texts))
+        many = PROBLEMS + [
+            {"account": name, "kind": TOKEN_UNSAVED, "message": f"{name}: unsaved", "since": NOW}
+            for name in ("dan", "eve")
+        ]
+        texts = [views.line_text(row) for row in views.problem_rows(snapshot_with(many), 80)]
+        self.assertEqual(len(texts), 3)
+        self.assertIn("3 more problems", texts[-1])
+
+    def test_console_log_rows(self) -> None:
+        """
+        Problem events get activity rows (raised in the bad colour,
+        resolved in the good one); an account error's problem event adds
+        no second row beside the account-error event's.
+        """
+        raised = {"kind": events.PROBLEM_RAISED, "time": NOW, "account": "bob", "problem": TOKEN_UNSAVED, "message": "bob: unsaved"}
+        cleared = {"kind": events.PROBLEM_CLEARED, "time": NOW, "account": "bob", "problem": TOKEN_UNSAVED}
+        self.assertEqual(views.event_text(raised, NOW), (views.p.EVENT_BAD, "! bob: unsaved"))
+        self.assertEqual(views.event_text(cleared, NOW), (views.p.EVENT_GOOD, f"✓ resolved {TOKEN_UNSAVED} (bob)"))
+        mirrored = dict(raised, problem=ACCOUNT_ERROR)
+        self.assertIsNone(views.event_text(mirrored, NOW))
+
+
+class StatusEndpointTests(TestCase):
+    async def fetch_status(self) -> dict[str, Any]:
+        response = await client(self).get(self.base + "/nextclaude/status", headers=auth())
+        self.assertEqual(response.code, 200)
+        return json.loads(await response.content())
+
+    def test_status_endpoint_carries_problems(self) -> Deferred[None]:
+        """
+        The running proxy's status JSON (what `status --json` prints) has
+        a C{problems} list: a problem raised in the registry and an
+        account's credential error appear there, and the error's problem
+        goes once the account works again.
+        """
+        path = write_config(self, upstream_port=9)
+        self.service, self.base = start_proxy(self, path)
+
+        async def check() -> None:
+            self.assertEqual((await self.fetch_status())["problems"], [])
+            self.service.problems.raise_problem(None, REQUEST_LOG, "the request log cannot be written")
+            self.service.pool.get("bob").error = "the OAuth grant is no longer valid"
+            shown = (await self.fetch_status())["problems"]
+            self.assertEqual(
+                {(p["account"], p["kind"]) for p in shown}, {(None, REQUEST_LOG), ("bob", ACCOUNT_ERROR)}
+            )
+            self.assertEqual(set(shown[0]), {"account", "kind", "message", "since"})
+            self.service.pool.get("bob").error = None
+            shown = (await self.fetch_status())["problems"]
+            self.assertEqual([p["kind"] for p in shown], [REQUEST_LOG])
+
+        return Deferred.fromCoroutine(check())
