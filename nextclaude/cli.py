@@ -23,7 +23,7 @@ def _server(args: argparse.Namespace) -> int:
     from twisted.python.usage import UsageError
 
     from nextclaude import tap
-    from nextclaude.control import AlreadyRunning
+    from nextclaude.control import ControlError
     from nextclaude.paths import FileProblem
     from nextclaude.service import ProxyService
 
@@ -47,7 +47,9 @@ def _server(args: argparse.Namespace) -> int:
     try:
         service = ProxyService(reactor, config, log_bodies=args.log_bodies)
         service.privilegedStartService()
-    except (AlreadyRunning, FileProblem) as error:
+    except (ControlError, FileProblem) as error:
+        # The start-up check of the control socket: another proxy, or
+        # something there that cannot be talked to.
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1
     except CannotListenError:
@@ -103,6 +105,13 @@ def _attach_console(reactor: "Any", service: "Any", log_router: "Any") -> None:
             reactor.stop()
 
     def failed(failure: "Any") -> None:
+        if failure.check(control.ControlError):
+            # The control channel's own trouble says what happened in one line.
+            Logger().warn(
+                "the console could not attach ({problem}); the proxy keeps running with plain logs",
+                problem=str(failure.value),
+            )
+            return
         Logger().failure("the console failed; the proxy keeps running with plain logs", failure)
 
     Deferred.fromCoroutine(attach()).addErrback(failed)
@@ -137,7 +146,7 @@ def _console(args: argparse.Namespace) -> int:
     async def main(reactor: "Any") -> int:
         try:
             client = await control.connect(reactor, socket)
-        except control.NotRunning as error:
+        except control.ControlError as error:
             print(f"nextclaude: {error}", file=sys.stderr)
             return 1
         try:
@@ -288,14 +297,19 @@ def _remove(args: argparse.Namespace) -> int:
 def _running_snapshot(config: "Config") -> dict | None:
     """
     The running proxy's status over its control socket, or None when no
-    proxy runs for this config.
+    proxy answers for this config.  No proxy is normal (the file's address
+    is used); a socket that fails in any other way is worth one line on
+    stderr, since the address printed may then be the wrong one.
     """
     from nextclaude import paths
-    from nextclaude.control import ControlError, read_snapshot
+    from nextclaude.control import ControlError, NotRunning, read_snapshot
 
     try:
         return read_snapshot(paths.socket_path(config.path))
-    except (ControlError, paths.FileProblem, OSError):
+    except NotRunning:
+        return None
+    except (ControlError, paths.FileProblem) as error:
+        print(f"nextclaude: warning: {error}; using the address in {config.path}", file=sys.stderr)
         return None
 
 
@@ -482,4 +496,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except Exception as error:
+        # Any control-channel failure a command did not handle itself is
+        # still one line for the user, never a traceback.
+        from nextclaude.control import ControlError
+
+        if not isinstance(error, ControlError):
+            raise
+        print(f"nextclaude: {error}", file=sys.stderr)
+        return 1

@@ -116,14 +116,70 @@ class Disconnected(ControlError):
     The proxy went away while a command was in flight (or before it was sent).
     """
 
+    def __init__(self, path: Path | str, message: str | None = None) -> None:
+        self.path = Path(path)
+        super().__init__(message or f"the NextClaude proxy went away (control socket {path})")
+
+
+class HungUp(Disconnected):
+    """
+    The process on the control socket accepted the connection, then closed
+    or reset it before answering.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__(
+            path,
+            f"the process on the control socket {path} closed the connection before answering "
+            "(is the NextClaude proxy stopping or restarting?)",
+        )
+
+
+class NotAccepting(ControlError):
+    """
+    The control socket's accept queue is full: whoever listens there does
+    not take new connections.
+    """
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        super().__init__(f"the NextClaude proxy went away (control socket {path})")
+        super().__init__(
+            f"the process on the control socket {path} is not accepting connections (its queue is full: "
+            "is the NextClaude proxy overloaded, suspended or hung?)"
+        )
 
 
-class SocketPathProblem(paths.FileProblem):
+class BadAnswer(ControlError):
     """
-    The control socket path holds something we must not replace.
+    Something answered on the control socket, but not a NextClaude proxy's
+    answer to the command.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"the process on the control socket {path} did not answer like a NextClaude proxy "
+            "(another program, or a proxy of another version?)"
+        )
+
+
+class SocketError(ControlError):
+    """
+    Any other failure of the control socket, named with the system's words.
+    """
+
+    def __init__(self, path: Path | str, error: OSError) -> None:
+        self.path = Path(path)
+        self.error = error
+        # strerror alone: str(OSError) may repeat the path or be empty.
+        reason = error.strerror or str(error) or type(error).__name__
+        super().__init__(f"could not talk to the NextClaude proxy on the control socket {path}: {reason}")
+
+
+class SocketPathProblem(paths.FileProblem, ControlError):
+    """
+    The control socket path holds something we must not replace (or may
+    not connect to).
     """
 
 
@@ -714,51 +770,80 @@ class _Boxes:
         pass
 
 
+def _control_error(path: Path, error: OSError, timeout: float, connecting: bool) -> ControlError:
+    """
+    What an OSError of the blocking client means for the user.  Every one
+    becomes a ControlError, so a command shows one line, never a traceback.
+    """
+    if isinstance(error, socket.timeout):
+        return NoAnswer(path, timeout)
+    if connecting:
+        if isinstance(error, FileNotFoundError):
+            return NotRunning(path, missing=True)
+        if isinstance(error, ConnectionRefusedError):
+            return NotRunning(path, missing=False)
+        if isinstance(error, PermissionError):
+            return SocketPathProblem(path, "cannot be connected to (permission denied; whose socket is it?)")
+        if isinstance(error, BlockingIOError):
+            # A UNIX socket's connect() says EAGAIN, at once, when the
+            # listener's accept queue is full.
+            return NotAccepting(path)
+    if isinstance(error, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+        return HungUp(path)
+    return SocketError(path, error)
+
+
 def _ask_blocking(path: Path, command: type[amp.Command], timeout: float) -> dict[str, Any]:
     """
     Send one argument-less command and wait for its answer, without a
-    reactor.  Raises L{NotRunning}, L{NoAnswer}, L{SocketPathProblem} or
-    the command's declared error.
+    reactor.  Raises the command's declared error or another L{ControlError}
+    (L{NotRunning}, L{NoAnswer}, L{NotAccepting}, L{HungUp}, L{BadAnswer},
+    L{SocketPathProblem}, L{SocketError}); never a bare OSError.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connecting = True
     try:
-        sock.settimeout(timeout)
-        try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
             sock.connect(str(path))
-        except FileNotFoundError:
-            raise NotRunning(path, missing=True) from None
-        except ConnectionRefusedError:
-            raise NotRunning(path, missing=False) from None
-        except PermissionError:
-            raise SocketPathProblem(path, "cannot be connected to (permission denied; whose socket is it?)") from None
-        except socket.timeout:
-            raise NoAnswer(path, timeout) from None
-        deadline = time.monotonic() + timeout
-        sock.sendall(amp.AmpBox({b"_command": command.commandName, b"_ask": b"1"}).serialize())
-        boxes = _Boxes()
-        parser = amp.BinaryBoxProtocol(boxes)
-        parser.makeConnection(boxes)
-        while not boxes.boxes:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or boxes.broken:
-                raise NoAnswer(path, timeout)
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(256 * 1024)
-            except (socket.timeout, ConnectionError):
-                raise NoAnswer(path, timeout) from None
-            if not data:
-                raise NoAnswer(path, timeout)
-            parser.dataReceived(data)
-    finally:
-        sock.close()
-    box = boxes.boxes[0]
+            connecting = False
+            box = _exchange(path, sock, command, timeout)
+    except OSError as error:
+        raise _control_error(path, error, timeout, connecting) from None
     if amp.ANSWER in box:
-        return command.parseResponse(box, None)
+        try:
+            return command.parseResponse(box, None)
+        except Exception:
+            # A box without the answer's fields, or fields that do not decode.
+            raise BadAnswer(path) from None
     if amp.ERROR in box:
         error_type = getattr(command, "reverseErrors", {}).get(box.get(amp.ERROR_CODE), CommandFailed)
         raise error_type(box.get(amp.ERROR_DESCRIPTION, b"").decode("utf-8", "replace"))
-    raise NoAnswer(path, timeout)
+    raise BadAnswer(path)
+
+
+def _exchange(path: Path, sock: socket.socket, command: type[amp.Command], timeout: float) -> amp.AmpBox:
+    """
+    Send C{command} on the connected C{sock} and read boxes until the first
+    one arrives, within C{timeout} in all.
+    """
+    deadline = time.monotonic() + timeout
+    sock.sendall(amp.AmpBox({b"_command": command.commandName, b"_ask": b"1"}).serialize())
+    boxes = _Boxes()
+    parser = amp.BinaryBoxProtocol(boxes)
+    parser.makeConnection(boxes)
+    while not boxes.boxes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NoAnswer(path, timeout)
+        sock.settimeout(remaining)
+        data = sock.recv(256 * 1024)
+        if not data:
+            raise HungUp(path)
+        parser.dataReceived(data)
+        if boxes.broken and not boxes.boxes:
+            # The parser gave up on bytes that are not AMP boxes.
+            raise BadAnswer(path)
+    return boxes.boxes[0]
 
 
 def read_snapshot(socket_path: Path | str, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
@@ -768,6 +853,9 @@ def read_snapshot(socket_path: Path | str, timeout: float = CLIENT_TIMEOUT) -> d
 
     @raise NotRunning: nobody listens on the socket.
     @raise NoAnswer: something listens but did not answer in time.
+    @raise ControlError: any other failure (L{NotAccepting}, L{HungUp},
+        L{BadAnswer}, L{SocketPathProblem}, L{SocketError}); every socket
+        error becomes one of these.
     """
     return _ask_blocking(Path(socket_path), Snapshot, timeout)["snapshot"]
 
@@ -808,6 +896,14 @@ def claim_socket_path(path: Path, timeout: float = PROBE_TIMEOUT) -> None:
         ) from None
     except CommandFailed:
         pass  # it answered, even if with an error: it is alive
+    except SocketPathProblem:
+        raise
+    except ControlError as error:
+        # Something is there (it accepted, or its queue is full) but it is
+        # not a proxy we can talk to: not ours to take over.
+        raise AlreadyRunning(
+            path, f"{error}; not taking over its socket: stop it, or remove the socket if you are sure nothing uses it"
+        ) from None
     raise AlreadyRunning(path)
 
 

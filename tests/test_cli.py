@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -281,3 +283,110 @@ class RunCommandTests(TestCase):
         watcher = spawn_nextclaude(self, "--config", str(config), "run", extra_env={"PATH": str(empty)})
         self.assertEqual((await watcher.ended).exitCode, 127)
         self.assertIn(b"not on PATH", watcher.err)
+
+
+class ControlFailureTests(SynchronousTestCase):
+    """
+    Commands that use the blocking control client, against a control
+    socket whose process misbehaves: one line on stderr saying what
+    happened, never a traceback.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_control import short_socket_path
+
+        self.socket = short_socket_path(self)
+        self.patch(os, "environ", {**os.environ, "NEXTCLAUDE_SOCKET": str(self.socket)})
+        self.config = write_config(self, 9)
+
+    def run_main(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        return main(["--config", str(self.config), *argv]), out.getvalue(), err.getvalue()
+
+    def assert_one_line(self, err: str, *expected: str) -> None:
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("nextclaude: "), err)
+        for text in expected:
+            self.assertIn(text, err)
+
+    def peers(self) -> list[tuple[str, Any, str]]:
+        from tests.test_control import answer_garbage, hang_up_after_request, hang_up_at_once
+
+        return [
+            ("hang up at once", hang_up_at_once, "closed the connection before answering"),
+            ("hang up after the command", hang_up_after_request, "closed the connection before answering"),
+            ("garbage", answer_garbage, "did not answer like a NextClaude proxy"),
+        ]
+
+    def test_status(self) -> None:
+        """
+        `status` and `status --json` against a process that hangs up at
+        once, hangs up after reading the command, or answers garbage: exit
+        status 1 and one line naming the socket and what happened.
+        """
+        from tests.test_control import ControlPeer
+
+        for argv in (["status"], ["status", "--json"]):
+            for what, behaviour, expected in self.peers():
+                self.socket.unlink(missing_ok=True)
+                ControlPeer(self, self.socket, behaviour)
+                code, out, err = self.run_main(*argv)
+                self.assertEqual(code, 1, (argv, what))
+                self.assertEqual(out, "", (argv, what))
+                self.assert_one_line(err, str(self.socket), expected)
+
+    def test_status_queue_full(self) -> None:
+        """
+        `status` against a listener that never accepts (its queue full, so
+        connect() fails with EAGAIN at once): exit status 1, one line.
+        """
+        from tests.test_control import full_queue
+
+        full_queue(self, self.socket)
+        code, _, err = self.run_main("status")
+        self.assertEqual(code, 1)
+        self.assert_one_line(err, str(self.socket), "not accepting connections")
+
+    def test_env_falls_back_with_one_warning(self) -> None:
+        """
+        `env` (and `run`, which shares its lookup) against a socket that
+        fails: the file's address is printed, exit status 0, and one
+        warning line says the running proxy could not be asked.
+        """
+        from tests.test_control import ControlPeer
+
+        for what, behaviour, expected in self.peers():
+            self.socket.unlink(missing_ok=True)
+            ControlPeer(self, self.socket, behaviour)
+            code, out, err = self.run_main("env")
+            self.assertEqual(code, 0, what)
+            self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:3456", out)
+            self.assert_one_line(err, "warning", expected, str(self.config))
+
+    def test_env_without_a_proxy_is_quiet(self) -> None:
+        """
+        `env` with no proxy at all (no socket) prints the file's address
+        and nothing on stderr: that is the normal case.
+        """
+        code, out, err = self.run_main("env")
+        self.assertEqual(code, 0)
+        self.assertEqual(err, "")
+
+    def test_unhandled_control_error_is_one_line(self) -> None:
+        """
+        A control-channel error that a command does not catch itself still
+        ends as one line and exit status 1 from main().
+        """
+        from nextclaude import cli
+        from nextclaude.control import HungUp
+
+        def broken(args: Any) -> int:
+            raise HungUp(self.socket)
+
+        self.patch(cli, "_accounts", broken)
+        code, _, err = self.run_main("accounts")
+        self.assertEqual(code, 1)
+        self.assert_one_line(err, "closed the connection before answering")

@@ -929,3 +929,276 @@ class SocketTests(TestCase):
         self.assertEqual(await client.reload(), ([], []))
         with self.assertRaises(UnknownAccount):
             await client.remove("nobody")
+
+
+# -- the blocking client's failures ---------------------------------------------------
+
+
+class _RaisingSocket:
+    """
+    Stands in for socket.socket: the step named in C{failures} raises the
+    error given (or, for C{recv}, returns the bytes given).
+    """
+
+    def __init__(self, failures: dict[str, Any], *args: Any) -> None:
+        self._failures = failures
+
+    def __enter__(self) -> "_RaisingSocket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def settimeout(self, timeout: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def _step(self, name: str) -> Any:
+        outcome = self._failures.get(name)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def connect(self, address: str) -> None:
+        self._step("connect")
+
+    def sendall(self, data: bytes) -> None:
+        self._step("sendall")
+
+    def recv(self, size: int) -> bytes:
+        outcome = self._step("recv")
+        return b"" if outcome is None else outcome
+
+
+def _oserror(number: int) -> OSError:
+    return OSError(number, os.strerror(number))
+
+
+class BlockingClientErrorTests(SynchronousTestCase):
+    """
+    Every socket failure of the blocking client, at every step, becomes a
+    ControlError whose message is one line naming the socket.
+    """
+
+    path = Path("/tmp/nc-test/control.sock")
+
+    def ask(self, **failures: Any) -> BaseException:
+        self.patch(socket, "socket", lambda *args: _RaisingSocket(failures, *args))
+        try:
+            read_snapshot(self.path, timeout=0.5)
+        except BaseException as error:  # noqa: B902 - whatever it is, it is checked below
+            return error
+        self.fail("read_snapshot did not raise")
+
+    def test_every_oserror_becomes_a_control_error(self) -> None:
+        """
+        Table: the step that fails and how → the ControlError class.  No
+        OSError escapes, and each message is one line naming the socket.
+        """
+        import errno
+
+        from nextclaude.control import BadAnswer, ControlError, HungUp, NoAnswer, NotAccepting, SocketError
+
+        table: list[tuple[dict[str, Any], type[Exception]]] = [
+            ({"connect": FileNotFoundError(errno.ENOENT, "No such file")}, NotRunning),
+            ({"connect": ConnectionRefusedError(errno.ECONNREFUSED, "refused")}, NotRunning),
+            ({"connect": PermissionError(errno.EACCES, "denied")}, SocketPathProblem),
+            ({"connect": BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")}, NotAccepting),
+            ({"connect": socket.timeout("timed out")}, NoAnswer),
+            ({"connect": _oserror(errno.ENOTSOCK)}, SocketError),
+            ({"connect": OSError("AF_UNIX path too long")}, SocketError),
+            ({"connect": ConnectionResetError(errno.ECONNRESET, "reset")}, HungUp),
+            ({"sendall": BrokenPipeError(errno.EPIPE, "Broken pipe")}, HungUp),
+            ({"sendall": ConnectionResetError(errno.ECONNRESET, "reset")}, HungUp),
+            ({"sendall": socket.timeout("timed out")}, NoAnswer),
+            ({"sendall": BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")}, SocketError),
+            ({"sendall": _oserror(errno.EIO)}, SocketError),
+            ({"recv": ConnectionResetError(errno.ECONNRESET, "reset")}, HungUp),
+            ({"recv": ConnectionAbortedError(errno.ECONNABORTED, "aborted")}, HungUp),
+            ({"recv": socket.timeout("timed out")}, NoAnswer),
+            ({"recv": _oserror(errno.EIO)}, SocketError),
+            ({"recv": b""}, HungUp),
+            ({"recv": b"HTTP/1.1 400 Bad Request\r\n\r\n"}, BadAnswer),
+            ({"recv": amp.AmpBox({b"_answer": b"1"}).serialize()}, BadAnswer),
+            ({"recv": amp.AmpBox({b"_answer": b"1", b"snapshot.0": b"{not json"}).serialize()}, BadAnswer),
+            ({"recv": amp.AmpBox({b"_ask": b"9", b"_command": b"Snapshot"}).serialize()}, BadAnswer),
+        ]
+        for failures, expected in table:
+            error = self.ask(**failures)
+            self.assertIsInstance(error, ControlError, failures)
+            self.assertIsInstance(error, expected, failures)
+            message = str(error)
+            self.assertNotIn("\n", message, failures)
+            self.assertIn(str(self.path), message, failures)
+
+    def test_socket_that_cannot_be_made(self) -> None:
+        """
+        Even creating the socket failing (out of descriptors) is a
+        SocketError with the system's words.
+        """
+        import errno
+
+        from nextclaude.control import SocketError
+
+        def no_descriptors(*args: Any) -> Any:
+            raise _oserror(errno.EMFILE)
+
+        self.patch(socket, "socket", no_descriptors)
+        error = self.assertRaises(SocketError, read_snapshot, self.path)
+        self.assertIn("Too many open files", str(error))
+
+
+class ControlPeer:
+    """
+    A plain UNIX socket server for the blocking client to meet, in a thread
+    of its own (the client blocks the test's thread).  C{behaviour} gets the
+    accepted connection; the server then closes it.
+    """
+
+    def __init__(self, test: SynchronousTestCase, path: Path, behaviour: Callable[[socket.socket], None]) -> None:
+        import threading
+
+        self.listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listening.bind(str(path))
+        self.listening.listen(1)
+        self._behaviour = behaviour
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        test.addCleanup(self.close)
+
+    def _serve(self) -> None:
+        try:
+            connection, _ = self.listening.accept()
+        except OSError:
+            return  # closed by the cleanup: the client never came
+        with connection:
+            try:
+                self._behaviour(connection)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        # shutdown() wakes an accept() that is still waiting; then join.
+        try:
+            self.listening.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join()
+        self.listening.close()
+
+
+def hang_up_at_once(connection: socket.socket) -> None:
+    """Accept and close without reading a byte."""
+
+
+def hang_up_after_request(connection: socket.socket) -> None:
+    """Read the command, then close without answering."""
+    connection.recv(4096)
+
+
+def answer_garbage(connection: socket.socket) -> None:
+    """Read the command, answer with bytes that are no AMP box, wait for the client to go."""
+    connection.recv(4096)
+    connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+    while connection.recv(4096):
+        pass
+
+
+def full_queue(test: SynchronousTestCase, path: Path) -> None:
+    """
+    A listener that never accepts, its accept queue full: listen(0) holds
+    one pending connection on Linux, so every further connect() fails with
+    EAGAIN (the BlockingIOError a busy or hung proxy gives).
+    """
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    test.addCleanup(listening.close)
+    listening.bind(str(path))
+    listening.listen(0)
+    while True:
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        test.addCleanup(waiting.close)
+        waiting.setblocking(False)
+        try:
+            waiting.connect(str(path))
+        except BlockingIOError:
+            return
+
+
+def short_socket_path(test: SynchronousTestCase) -> Path:
+    # UNIX socket paths must stay under ~100 bytes: not under _trial_temp.
+    directory = Path(tempfile.mkdtemp(prefix="nc-", dir="/tmp"))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory / "control.sock"
+
+
+class BlockingClientSocketTests(SynchronousTestCase):
+    """
+    The blocking client against real UNIX sockets that misbehave.
+    """
+
+    def setUp(self) -> None:
+        self.path = short_socket_path(self)
+
+    def test_hang_up_at_once(self) -> None:
+        """
+        A process that accepts and closes at once: HungUp, whichever step
+        (send or receive) saw it.
+        """
+        from nextclaude.control import HungUp
+
+        ControlPeer(self, self.path, hang_up_at_once)
+        error = self.assertRaises(HungUp, read_snapshot, self.path)
+        self.assertIn("closed the connection before answering", str(error))
+
+    def test_hang_up_after_request(self) -> None:
+        """
+        A process that reads the command and closes without answering:
+        HungUp, not a wait for the timeout.
+        """
+        from nextclaude.control import HungUp
+
+        ControlPeer(self, self.path, hang_up_after_request)
+        self.assertRaises(HungUp, read_snapshot, self.path)
+
+    def test_garbage(self) -> None:
+        """
+        A process that answers with something that is not AMP: BadAnswer.
+        """
+        from nextclaude.control import BadAnswer
+
+        ControlPeer(self, self.path, answer_garbage)
+        error = self.assertRaises(BadAnswer, read_snapshot, self.path)
+        self.assertIn("did not answer like a NextClaude proxy", str(error))
+
+    def test_queue_full(self) -> None:
+        """
+        A listener whose accept queue is full (it never accepts): connect()
+        fails with EAGAIN at once, reported as NotAccepting.
+        """
+        from nextclaude.control import NotAccepting
+
+        full_queue(self, self.path)
+        error = self.assertRaises(NotAccepting, read_snapshot, self.path)
+        self.assertIn("not accepting connections", str(error))
+
+    def test_start_up_check_refuses_a_foreign_listener(self) -> None:
+        """
+        The proxy's start-up check does not take over a socket whose
+        listener hangs up, answers garbage or has a full queue: each is
+        AlreadyRunning with one line saying what it saw, and the socket
+        file stays.
+        """
+        from nextclaude.control import claim_socket_path
+
+        for behaviour, seen in ((hang_up_at_once, "closed the connection"), (answer_garbage, "did not answer like")):
+            path = short_socket_path(self)
+            ControlPeer(self, path, behaviour)
+            error = self.assertRaises(AlreadyRunning, claim_socket_path, path)
+            self.assertIn(seen, str(error))
+            self.assertNotIn("\n", str(error))
+            self.assertTrue(path.exists())
+        full_queue(self, self.path)
+        error = self.assertRaises(AlreadyRunning, claim_socket_path, self.path)
+        self.assertIn("not accepting connections", str(error))
