@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,7 +35,7 @@ from nextclaude.requestlog import RequestLog, masked_headers
 from nextclaude.router import Decision, Router
 from nextclaude.scheduler import Scheduler
 from nextclaude.sessions import RequestFacts, inspect_request
-from nextclaude.upstream import UpstreamService, UpstreamUnavailable
+from nextclaude.upstream import UpstreamService, UpstreamUnavailable, is_origin_form
 from nextclaude.usage import StreamParser, Usage, usage_from_json_body
 
 STATUS_PATH = b"/nextclaude/status"
@@ -93,23 +93,54 @@ def respond_error(request: Request, code: int, kind: str, message: str) -> bytes
 # the answer before the client reads it.
 LINGER_SECONDS = 5.0
 
+# A request's head must be complete this long after the connection opened
+# or the previous response ended; its body gets at least as long, more for
+# a large body at the slowest rate a real client plausibly sends at.
+HEADERS_TIMEOUT = 60.0
+BODY_MIN_RATE = 64 * 1024
+
+# RFC 9110 token: methods and header names.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# One space on each side of a printable-ASCII target, and a version Twisted
+# serves.  Twisted's own parser lets DEL and bytes 0x80-0xb0 through.
+_REQUEST_LINE = re.compile(_TOKEN + rb" ([\x21-\x7e]+) HTTP/1\.[01]")
+# A name, a colon right after it, and a value without control characters
+# (tab and obs-text allowed).  A line starting with whitespace (obs-fold)
+# or with whitespace before the colon does not match.
+_HEADER_LINE = re.compile(_TOKEN + rb":[\t\x20-\x7e\x80-\xff]*")
+
 
 class ProxyChannel(HTTPChannel):
     """
     An HTTP channel whose own refusals (oversized body or headers, a
-    malformed request) are proper HTTP/1.1 answers in the API error shape.
+    malformed request line or header line, a target that is not a path,
+    a request sent too slowly) are proper HTTP/1.1 answers in the API
+    error shape, after which nothing more is parsed.
+
+    Request lines and header lines are checked here, stricter than
+    Twisted's parser, so that nothing malformed reaches the application.
     """
 
     _rejected = False
     _linger_call = None
+    # What the next line is: a request line, or a header line.
+    _awaiting_request_line = True
+    # The head or body deadline of the request being received, if any.
+    _deadline: IDelayedCall | None = None
+    # Whether a byte of the next request has arrived since the last
+    # response ended: a deadline passing on an idle keep-alive connection
+    # is the idle timeout's business, not a 408.
+    _request_started = False
 
     def reject(self, code: int, phrase: bytes, kind: str, message: str) -> None:
         """
-        Answer at once and close, whatever state the request is in.
+        Answer at once and close, whatever state the request is in; nothing
+        the client sent after the fault is parsed, let alone relayed.
         """
         if self._rejected:
             return
         self._rejected = True
+        self._set_deadline(None)
         body = error_body(kind, message)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -123,10 +154,103 @@ class ProxyChannel(HTTPChannel):
             self.transport.loseConnection()
         self._linger_call = self.callLater(LINGER_SECONDS, self.transport.abortConnection)
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._set_deadline(HEADERS_TIMEOUT)
+
     def dataReceived(self, data: bytes) -> None:
         if self._rejected:
             return
+        self._request_started = True
         super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # The line parser keeps going through the rest of a buffer after a
+        # refusal (a half-close does not mark the transport disconnecting).
+        if self._rejected:
+            return
+        if self._awaiting_request_line:
+            if line:
+                checked = self._check_request_line(line)
+                if checked is None:
+                    return
+                line = checked
+                self._awaiting_request_line = False
+        elif not line:
+            self._awaiting_request_line = True
+        elif _HEADER_LINE.fullmatch(line) is None:
+            self.reject(400, b"Bad Request", "invalid_request_error", "Malformed HTTP header line.")
+            return
+        super().lineReceived(line)
+
+    def _check_request_line(self, line: bytes) -> bytes | None:
+        """
+        The request line with its target in origin form, or None after
+        refusing it.
+        """
+        match = _REQUEST_LINE.fullmatch(line)
+        if match is None:
+            self.reject(400, b"Bad Request", "invalid_request_error", "Malformed HTTP request line.")
+            return None
+        target = match.group(1)
+        origin = local_origin_form(target, self.transport.getHost())
+        if origin is None:
+            self.reject(
+                400,
+                b"Bad Request",
+                "invalid_request_error",
+                "The request target must be a path starting with a single '/' (like /v1/messages).",
+            )
+            return None
+        return line[: match.start(1)] + origin + line[match.end(1) :]
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        if self._rejected:
+            return
+        self._set_deadline(None)
+        super().allHeadersReceived()
+        if self._rejected or self.length == 0:
+            return
+        # A chunked body has no length up front: it may take as long as
+        # the largest body the proxy accepts.
+        size = self.site.max_body_bytes if self.length is None else self.length
+        self._set_deadline(max(HEADERS_TIMEOUT, size / BODY_MIN_RATE))
+
+    def allContentReceived(self) -> None:
+        if self._rejected:
+            return
+        self._set_deadline(None)
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        if self.persistent:
+            # Armed before the parent replays pipelined data, which may
+            # start (or complete) the next request's head at once.
+            self._request_started = any(self._dataBuffer)
+            self._set_deadline(HEADERS_TIMEOUT)
+        super().requestDone(request)
+
+    def _set_deadline(self, seconds: float | None) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        if seconds is not None:
+            self._deadline = self.callLater(seconds, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self._request_started:
+            self.reject(
+                408,
+                b"Request Timeout",
+                "invalid_request_error",
+                "The request was not received in time; the connection is closed.",
+            )
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.reject(431, b"Request Header Fields Too Large", "invalid_request_error", "Request headers are too large.")
@@ -140,6 +264,7 @@ class ProxyChannel(HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
+        self._set_deadline(None)
         super().connectionLost(reason)
 
 
@@ -289,6 +414,96 @@ def is_loopback(request: Request) -> bool:
         return False
 
 
+_AUTHORITY = re.compile(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9.\-]+))(?::([0-9]{1,5}))?")
+
+
+def split_authority(value: bytes) -> tuple[str, int | None] | None:
+    """
+    The host (lowercase, without brackets or one trailing dot) and port of
+    a Host header or an absolute-form authority, or None when it is not a
+    plain C{host[:port]} (user info, several colons, odd bytes).
+    """
+    try:
+        text = value.decode("ascii").lower()
+    except UnicodeDecodeError:
+        return None
+    match = _AUTHORITY.fullmatch(text)
+    if match is None:
+        return None
+    bracketed, name, port = match.groups()
+    if bracketed is not None:
+        try:
+            # Only an IPv6 literal may sit between brackets.
+            if ip_address(bracketed).version != 6:
+                return None
+        except ValueError:
+            return None
+        host = bracketed
+    else:
+        host = name[:-1] if name.endswith(".") else name
+    if not host or (port is not None and int(port) > 65535):
+        return None
+    return host, int(port) if port is not None else None
+
+
+def is_loopback_name(host: str) -> bool:
+    """
+    Whether C{host} (from L{split_authority}) is C{localhost} or a loopback
+    address literal: exact, so C{localhost.evil} and C{127.0.0.1.nip.io}
+    are not.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_names_loopback(values: list[bytes] | None) -> bool:
+    """
+    Whether the raw Host header values are exactly one naming this
+    machine's loopback (any port).  A page that rebinds its own DNS name
+    to 127.0.0.1 still sends its own name here.
+    """
+    if values is None or len(values) != 1:
+        return False
+    parts = split_authority(values[0])
+    return parts is not None and is_loopback_name(parts[0])
+
+
+def local_origin_form(target: bytes, local: IAddress) -> bytes | None:
+    """
+    The origin-form target (path and query) a request target stands for,
+    or None when the proxy must refuse it.
+
+    An origin-form target must pass L{is_origin_form}.  An absolute-form
+    one (C{http://authority/path}) is accepted only when its authority
+    names this proxy: the port it was reached on (80 when absent), and a
+    loopback name or the very address the connection came in on.  The
+    proxy is not a forward proxy, so any other authority is refused rather
+    than quietly replaced by the upstream.
+    """
+    if not target.lower().startswith(b"http://"):
+        return target if is_origin_form(target) else None
+    rest = target[len(b"http://"):]
+    end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    authority, path = rest[:end], rest[end:]
+    parts = split_authority(authority)
+    local_port = getattr(local, "port", None)
+    if parts is None or local_port is None:
+        return None
+    host, port = parts
+    if (80 if port is None else port) != local_port:
+        return None
+    if not (is_loopback_name(host) or host == getattr(local, "host", None)):
+        return None
+    # RFC 9112 3.2.2: an empty path in absolute-form means "/".
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path if is_origin_form(path) else None
+
+
 class StreamRelay(Protocol):
     """
     Receives the upstream body and writes each chunk to the client as it
@@ -366,8 +581,8 @@ class _Discard(Protocol):
 
 class ProxyResource(Resource):
     """
-    Every path is relayed upstream except C{HEAD /} (Claude Code's
-    preconnect, answered locally) and the status endpoint.
+    Every request is relayed upstream except C{HEAD} (Claude Code's
+    preconnect, answered locally for any path) and the status endpoint.
     """
 
     isLeaf = True
@@ -398,7 +613,10 @@ class ProxyResource(Resource):
         self._idle_waiters: list[Deferred[None]] = []
 
     def render(self, request: Request) -> bytes | int:
-        if request.method == b"HEAD" and request.path == b"/":
+        if request.method == b"HEAD":
+            # Claude Code's preconnect (HEAD /api/hello, HEAD / in older
+            # builds) comes without credentials: answered here, before
+            # authentication, with no body and no account touched.
             request.setHeader(b"content-type", b"text/plain")
             return b""
         if not self._authorized(request):
@@ -451,9 +669,19 @@ class ProxyResource(Resource):
 
     def _authorized(self, request: Request) -> bool:
         settings = self._config.proxy
-        if settings.trust_loopback and is_loopback(request):
+        if client_key_matches(request, settings.api_key):
             return True
-        return client_key_matches(request, settings.api_key)
+        # Without the key, only a local program gets in: any web page can
+        # make a browser send to 127.0.0.1, but the browser adds Origin to
+        # cross-site requests, and a page that rebinds its own DNS name to
+        # 127.0.0.1 still sends that name as Host.
+        headers = request.requestHeaders
+        return (
+            settings.trust_loopback
+            and is_loopback(request)
+            and not headers.hasHeader(b"origin")
+            and host_names_loopback(headers.getRawHeaders(b"host"))
+        )
 
     def _crashed(self, failure: Failure, request: Request) -> None:
         self._log.failure("relaying {path} failed", failure, path=request.path)

@@ -5,6 +5,7 @@ keeps no cookies and follows no redirects, owned by a service.
 
 from __future__ import annotations
 
+import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -19,6 +20,40 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from nextclaude.quota import QuotaReport, parse_rate_limit_headers
+
+# A request target that can only ever name a path under the configured base
+# URL: one '/' first (a second would start an authority for any URL parser
+# that sees it alone), then printable ASCII without '#' (never part of a
+# request target; the upstream client would silently drop what follows) and
+# without a backslash (some servers read it as '/').
+_ORIGIN_FORM = re.compile(rb"/(?!/)[\x21\x22\x24-\x5b\x5d-\x7e]*")
+
+
+def is_origin_form(target: bytes) -> bool:
+    """
+    Whether C{target} is a path (and query) safe to append to the upstream
+    base URL: it cannot change the host, and it has no C{.} or C{..}
+    segment (plain or percent-encoded) that an upstream could resolve out
+    of a gateway's base path.
+    """
+    if _ORIGIN_FORM.fullmatch(target) is None:
+        return False
+    path = target.partition(b"?")[0].lower().replace(b"%2e", b".")
+    return not any(segment in (b".", b"..") for segment in path.split(b"/"))
+
+
+def upstream_url(base_url: str, target: bytes) -> bytes:
+    """
+    The configured base URL (scheme, host, port and any base path) with the
+    client's raw target appended as bytes: the target is never parsed as a
+    URL, so it can never choose where an account's credentials go.
+
+    @raise ValueError: C{target} is not a single-slash origin-form target.
+    """
+    if not is_origin_form(target):
+        raise ValueError("refusing a request target that is not a path starting with one '/'")
+    return base_url.rstrip("/").encode("ascii") + target
+
 
 class UpstreamUnavailable(Exception):
     """
@@ -163,9 +198,11 @@ class UpstreamService(Service):
         its headers arrive (the body streams through C{deliverBody}).
         Cancel it to give up waiting and drop the connection.
         """
+        # Checked before anything else: defense in depth behind the
+        # channel, which already refuses such targets with a 400.
+        url = upstream_url(self.base_url, path)
         if self._client is None:
             raise RuntimeError("the upstream service is not running")
-        url = self.base_url.encode("ascii") + path
         return self._client.request(
             method.decode("ascii"),
             url,
