@@ -54,7 +54,17 @@ BACKOFF_CAP = 300.0
 RATE_LIMIT_CAP = 3600.0
 WATCH_INTERVAL = 2.0
 POLL_JITTER = 0.2
+# Usage polls of different accounts go out at least this far apart: the
+# endpoint limits how often it may be called, and a burst (every account
+# at start-up) draws 429s for all but the first.
+POLL_SPACING = 5.0
+# A failed or rejected poll is retried after a minute, doubling up to ten
+# (never later than the regular interval): an account whose quota is
+# unknown ranks as unused, so waiting the whole interval misleads routing.
 POLL_RETRY_START = 60.0
+POLL_RETRY_CAP = 600.0
+# A retry-after is honoured as given up to this; longer is a broken server.
+POLL_RETRY_AFTER_CAP = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,8 @@ class _Poller:
     timer: IDelayedCall | None = None
     inflight: Deferred[None] | None = None
     failures: int = 0
+    # When this account's last usage request went out (for the spacing).
+    sent_at: float | None = None
 
 
 def _follow(d: Deferred[Any]) -> Deferred[None]:
@@ -168,7 +180,7 @@ class AccountsService(Service):
         super().startService()
         for account in self._pool:
             self._arm(account.name)
-            self._schedule_poll(account.name, 0.0)
+        self._schedule_first_polls()
         if self.settings.watch_interval is not None:
             self._seen = self._signature()
             self._watcher = LoopingCall(self._watch)
@@ -479,13 +491,56 @@ class AccountsService(Service):
     def _jittered(self, seconds: float) -> float:
         return seconds * (1.0 + POLL_JITTER * (2.0 * self._random() - 1.0))
 
+    def _schedule_first_polls(self) -> None:
+        """
+        Start-up: one poll per OAuth account, staggered POLL_SPACING apart
+        (jittered), the first at once.
+        """
+        names = [account.name for account in self._pool if self._is_oauth(account)]
+        for index, name in enumerate(names):
+            self._schedule_poll(name, self._jittered(index * POLL_SPACING))
+
+    def _spaced(self, name: str, when: float) -> float:
+        """
+        The earliest time from C{when} that is POLL_SPACING away from every
+        other account's poll, due or just sent.  Every schedule goes
+        through here, so start-up, reloads and retries never bunch up.
+        """
+        taken: list[float] = []
+        for other, poller in self._pollers.items():
+            if other == name:
+                continue
+            if poller.timer is not None and poller.timer.active():
+                taken.append(poller.timer.getTime())
+            if poller.sent_at is not None:
+                taken.append(poller.sent_at)
+        for moment in sorted(taken):
+            # Ascending, and C{when} only moves later: a slot passed stays clear.
+            if moment - POLL_SPACING < when < moment + POLL_SPACING:
+                when = moment + POLL_SPACING
+        return when
+
     def _schedule_poll(self, name: str, delay: float) -> None:
         poller = self._pollers.setdefault(name, _Poller())
         self._cancel(poller.timer)
         poller.timer = None
         if not self.running or not self.settings.poll_usage or not self._is_oauth(self._pool.get(name)):
             return
-        poller.timer = self._reactor.callLater(max(0.0, delay), self._poll_now, name)
+        now = self._now()
+        when = self._spaced(name, now + max(0.0, delay))
+        poller.timer = self._reactor.callLater(when - now, self._poll_now, name)
+
+    def _poll_retry_delay(self, failures: int, error: OAuthError) -> float:
+        """
+        When to try again after the C{failures}-th failed poll in a row:
+        back-off from POLL_RETRY_START, doubling, capped (jittered); never
+        sooner than the retry-after of a 429.
+        """
+        backoff = min(POLL_RETRY_START * 2.0 ** min(failures - 1, 16), POLL_RETRY_CAP, self._poll_interval())
+        delay = self._jittered(backoff)
+        if error.kind == "rate_limited" and error.retry_after is not None:
+            delay = max(delay, min(error.retry_after, POLL_RETRY_AFTER_CAP))
+        return delay
 
     def _poll_now(self, name: str) -> None:
         poller = self._pollers.setdefault(name, _Poller())
@@ -528,16 +583,14 @@ class AccountsService(Service):
         if not self._wants_poll(account, self._now()):
             self._schedule_poll(name, self._jittered(interval))
             return
+        poller.sent_at = self._now()
         try:
             windows = await self._client.usage(account.config.access_token or "")
         except OAuthError as error:
             if not self.running:
                 return
             poller.failures += 1
-            if error.kind == "rate_limited":
-                delay = max(error.retry_after or 0.0, interval * 2.0 ** min(poller.failures - 1, 3))
-            else:
-                delay = min(interval, POLL_RETRY_START * 2.0 ** (poller.failures - 1))
+            delay = self._poll_retry_delay(poller.failures, error)
             self._log.warn(
                 "reading the usage of {account} failed: {error}; next try in {delay:.0f} s",
                 account=name,
@@ -546,7 +599,7 @@ class AccountsService(Service):
             )
             if error.kind == "unauthorized" and poller.failures == 1:
                 await self.refresh(account)
-            self._schedule_poll(name, self._jittered(delay))
+            self._schedule_poll(name, delay)
             return
         poller.failures = 0
         now = self._now()

@@ -39,6 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from nextclaude.config import OAuthSettings, mask_secret
 from nextclaude.quota import WindowQuota
+from nextclaude.quota import _retry_after as parse_retry_after
 
 __all__ = [
     "LOOPBACK_CALLBACK",
@@ -296,15 +297,17 @@ def _no_cookies() -> CookieJar:
     return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
-def _retry_after(headers: Headers) -> float | None:
+def _retry_after(headers: Headers, now: float) -> float | None:
+    """
+    Seconds to wait from a C{retry-after} header: delay-seconds or an
+    HTTP-date (RFC 9110 section 10.2.3; a date in the past means now), or
+    None when there is none or it cannot be read.
+    """
     value = headers.getRawHeaders(b"retry-after", [None])[-1]
     if value is None:
         return None
-    try:
-        seconds = float(value.decode("latin-1").strip())
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    # The same reading as the API's own retry-after headers get.
+    return parse_retry_after(value.decode("latin-1"), now)
 
 
 class OAuthClient:
@@ -405,7 +408,7 @@ class OAuthClient:
         detail = _scrub(": ".join(p for p in (error, description) if p))
         suffix = f" ({detail})" if detail else ""
         if code == 429:
-            retry = _retry_after(headers)
+            retry = _retry_after(headers, self._reactor.seconds())
             raise OAuthError(
                 "rate_limited", f"the {what} is rate limiting us (HTTP 429){suffix}", retry_after=retry, status=code
             )

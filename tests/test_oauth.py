@@ -310,6 +310,34 @@ class ClientTests(SynchronousTestCase):
         error = self.error(self.client.usage(access))
         self.assertEqual((error.kind, error.retry_after), ("rate_limited", 600.0))
 
+    def test_usage_429_retry_after_forms(self) -> None:
+        """
+        The usage endpoint's retry-after is read as RFC 9110 allows: delay
+        seconds, or an HTTP-date in any of its three forms (counted from the
+        client's clock; a date already past means at once); a value that is
+        neither, or none at all, is None.
+        """
+        access, _, _ = self.fake.issue()
+        # NOW is 2030-03-17T17:46:40Z.
+        table = [
+            ("120", 120.0),
+            (" 7 ", 7.0),
+            ("0", 0.0),
+            ("Sun, 17 Mar 2030 17:48:40 GMT", 120.0),  # IMF-fixdate
+            ("Sunday, 17-Mar-30 17:51:40 GMT", 300.0),  # obsolete RFC 850
+            ("Sun Mar 17 17:47:10 2030", 30.0),  # obsolete asctime
+            ("Sun, 17 Mar 2030 17:00:00 GMT", 0.0),  # in the past
+            ("-5", None),
+            ("soon", None),
+            ("", None),
+        ]
+        for header, expected in table:
+            self.fake.fail_usage(429, {"type": "error"}, {"retry-after": header})
+            error = self.error(self.client.usage(access))
+            self.assertEqual((error.kind, error.retry_after), ("rate_limited", expected), header)
+        self.fake.fail_usage(429, {"type": "error"})
+        self.assertIsNone(self.error(self.client.usage(access)).retry_after)
+
     def test_close_passed_client(self) -> None:
         """Closing a client built on a passed-in HTTP client does nothing and succeeds."""
         self.successResultOf(self.client.close())
