@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.task import react
 from twisted.protocols.basic import LineReceiver
 
-from nextclaude import paths
+from nextclaude import paths, tokenstate
 from nextclaude.config import Config, ConfigError, add_account, load_config, update_account
 from nextclaude.credentials import (
     CredentialsError,
@@ -27,6 +27,7 @@ from nextclaude.credentials import (
     read_default,
 )
 from nextclaude.oauth import OAuthClient, OAuthError, Profile, TokenSet, login
+from nextclaude.paths import FileProblem
 
 API_KEY_PREFIX = "sk-ant-"
 
@@ -210,6 +211,36 @@ async def _fetch_profile(reactor: Any, config: Config, token: str) -> Profile | 
         await client.close()
 
 
+def _refuse_spent(path: Path, source: str | None, credentials: ImportedCredentials) -> str | None:
+    """
+    Why the import is refused, if its refresh token is one the proxy has
+    already spent: importing it would replace a live pair with a dead one.
+    The account that spent it keeps its pair; if only its recovery file
+    holds that pair, it is written back to the config now.
+    """
+    if not credentials.refresh_token:
+        return None
+    try:
+        spent = tokenstate.read_spent(path)
+    except FileProblem:
+        # An unreadable state file: the running proxy still refuses the
+        # token when it reloads the config.
+        return None
+    owner = spent.owner(credentials.refresh_token)
+    if owner is None:
+        return None
+    try:
+        restored = tokenstate.restore_recovered(path, owner, spent)
+    except (FileProblem, OSError):
+        restored = False
+    kept = " (written back from its recovery file)" if restored else ""
+    return (
+        f"{source or 'the credentials given'} hold a refresh token NextClaude already used for {owner}; "
+        f"it has been rotated since, so it no longer works. {owner} keeps its current tokens{kept}; "
+        "nothing was imported. Log in to Claude Code again, or run `nextclaude login`, for a new grant."
+    )
+
+
 def run_import(args: argparse.Namespace) -> int:
     path = paths.config_file(args.config)
     try:
@@ -217,6 +248,9 @@ def run_import(args: argparse.Namespace) -> int:
         source, credentials = _read_import(args)
     except (ConfigError, CredentialsError) as error:
         return _fail(str(error))
+    refused = _refuse_spent(path, source, credentials)
+    if refused is not None:
+        return _fail(refused)
 
     async def main(reactor: Any) -> int:
         profile = await _fetch_profile(reactor, config, credentials.access_token)

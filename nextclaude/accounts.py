@@ -15,6 +15,12 @@
 - **Reload.** SIGHUP and a change of the config file's mtime/size/inode
   reload the accounts into the pool; in-flight requests keep their Account
   objects. A file that does not load is reported and ignored.
+- **Forward only.** A refresh token the proxy spent is remembered (its
+  SHA-256, in state.json) and never taken back: a reload, or a re-read of
+  Claude Code's store, that brings one keeps the live pair and writes it
+  back. A pair that cannot be saved is kept in a recovery file, retried with
+  back-off and on every reload, shown as a problem until it lands, and
+  adopted by the next start if it never did (nextclaude.tokenstate).
 
 Everything runs on the injected reactor. Tokens are never logged.
 """
@@ -37,11 +43,23 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from nextclaude import credentials, events
-from nextclaude.config import Config, ConfigError, load_config, update_account
+from nextclaude import credentials, events, tokenstate
+from nextclaude.config import (
+    ABSENT,
+    SAVED,
+    SUPERSEDED,
+    AccountConfig,
+    Config,
+    ConfigError,
+    config_store,
+    load_config,
+    save_tokens,
+)
 from nextclaude.events import EventHub
-from nextclaude.oauth import OAuthClient, OAuthError
+from nextclaude.oauth import OAuthClient, OAuthError, TokenSet
+from nextclaude.paths import FileProblem
 from nextclaude.pool import Account, AccountPool
+from nextclaude.problems import TOKEN_IN_MEMORY, TOKEN_UNSAVED, Problems
 from nextclaude.quota import QuotaReport
 from nextclaude.router import Router
 
@@ -65,6 +83,14 @@ POLL_RETRY_START = 60.0
 POLL_RETRY_CAP = 600.0
 # A retry-after is honoured as given up to this; longer is a broken server.
 POLL_RETRY_AFTER_CAP = 6 * 3600.0
+# A pair that could not be saved is tried again after 5 s, doubling to 5 min.
+SAVE_RETRY_START = 5.0
+SAVE_RETRY_CAP = 300.0
+# The most a stop waits for another process's lock to save unsaved pairs.
+STOP_SAVE_TIMEOUT = 3.0
+#: A pair the last attempt could not write (the outcomes are config's SAVED, ABSENT, SUPERSEDED).
+UNSAVED = "unsaved"
+IN_MEMORY_MESSAGE = "{name}: new token held only in memory; after a stop {name} needs `nextclaude login`"
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,23 @@ class _Poller:
     sent_at: float | None = None
 
 
+@dataclass
+class _Unsaved:
+    """A live pair config.json does not hold yet."""
+
+    fields: dict[str, Any]  # file form, refreshToken always present
+    # The refresh token the account held before this pair: the file may
+    # still hold it, and it may be replaced even if it was never spent.
+    previous: str | None
+    recovery: bool = False  # a recovery file holds it
+    failures: int = 0
+    problem: str | None = None
+
+    def replaceable(self, spent: tokenstate.SpentTokens) -> Callable[[str | None], bool]:
+        live = self.fields.get("refreshToken")
+        return lambda current: current is None or current in (live, self.previous) or spent.is_spent(current)
+
+
 def _follow(d: Deferred[Any]) -> Deferred[None]:
     """A Deferred that fires (with None) when ``d`` does; cancelling it leaves ``d`` alone."""
     follower: Deferred[None] = Deferred()
@@ -135,6 +178,32 @@ def _pair_fields(pair: credentials.TokenPair) -> dict[str, Any]:
     return fields
 
 
+def _config_pair(config: AccountConfig) -> TokenSet:
+    return TokenSet(config.access_token or "", config.refresh_token, config.expires_at, config.scopes)
+
+
+def _with_pair(config: AccountConfig, fields: dict[str, Any]) -> AccountConfig:
+    """``config`` holding the pair in ``fields`` (file form); what the pair does not say is kept."""
+    expires = fields.get("expiresAt")
+    scopes = fields.get("scopes")
+    return dataclasses.replace(
+        config,
+        access_token=fields.get("accessToken") or config.access_token,
+        refresh_token=fields.get("refreshToken") or config.refresh_token,
+        expires_at=expires if isinstance(expires, int) and not isinstance(expires, bool) else config.expires_at,
+        scopes=tuple(s for s in scopes if isinstance(s, str)) if isinstance(scopes, list) and scopes else config.scopes,
+    )
+
+
+def _describe(error: Exception, path: Path) -> str:
+    # Never the exception's full text: an OSError names the temporary file.
+    if isinstance(error, FileProblem):
+        return str(error)
+    if isinstance(error, OSError):
+        return f"{path}: {error.strerror or error}"
+    return f"{path}: {error}"
+
+
 class AccountsService(Service):
     name = "accounts"
     _log = Logger()
@@ -152,6 +221,7 @@ class AccountsService(Service):
         random: Callable[[], float] = _random.random,
         read_source: Callable[[str], credentials.ImportedCredentials] = credentials.read_credentials,
         write_source: Callable[[str, credentials.TokenPair], None] = credentials.write_back,
+        problems: Problems | None = None,
     ) -> None:
         self._reactor = reactor
         self.config_path = Path(config_path)
@@ -173,11 +243,22 @@ class AccountsService(Service):
         # Called after polled usage changed an account's windows; the service
         # wiring points it at Scheduler.arm_expiry so reset timers follow.
         self.quota_changed: Callable[[], None] = lambda: None
+        # Unsaved tokens must be shown; a private registry keeps this
+        # service usable on its own (tests, embedding).
+        self._problems = problems if problems is not None else Problems(hub, reactor.seconds)
+        self._config_store = config_store(self.config_path)
+        self._spent = tokenstate.SpentTokens()
+        # The ledger has digests state.json lacks (its last write failed).
+        self._spent_dirty = False
+        self._unsaved: dict[str, _Unsaved] = {}
+        self._save_failures = 0
+        self._save_timer: IDelayedCall | None = None
 
     # -- life cycle ----------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        self._recover()
         for account in self._pool:
             self._arm(account.name)
         self._schedule_first_polls()
@@ -201,6 +282,8 @@ class AccountsService(Service):
             self._watcher.stop()
         self._watcher = None
         self._uninstall_sighup()
+        self._cancel(self._save_timer)
+        self._save_timer = None
         waits = []
         for refresher in self._refreshers.values():
             self._cancel(refresher.timer)
@@ -215,6 +298,7 @@ class AccountsService(Service):
             if poller.inflight is not None:
                 poller.inflight.cancel()
         done: Deferred[Any] = DeferredList(waits) if waits else succeed(None)
+        done.addCallback(lambda _: self._final_save())
         done.addCallback(lambda _: self._client.close())
         done.addCallback(lambda _: None)
         return done
@@ -326,6 +410,26 @@ class AccountsService(Service):
             self._log.failure("re-reading {source} failed", source=source)
         return None
 
+    def _read_live(self, name: str, source: str, write_back: bool) -> credentials.ImportedCredentials | None:
+        """The source's pair, or None when it cannot be read or holds a refresh token the proxy spent.
+
+        A spent token there means Claude Code holds an old copy (restored,
+        or our write-back failed); with ``write_back`` the account's live
+        pair is written there so Claude Code works again.
+        """
+        theirs = self._read(name, source)
+        if theirs is None or not self._spent.is_spent(theirs.refresh_token):
+            return theirs
+        self._log.warn(
+            "{source} holds a refresh token of {account} the proxy already used; keeping the current pair",
+            source=source,
+            account=name,
+        )
+        account = self._pool.get(name)
+        if write_back and account is not None and account.config.access_token:
+            self._write_back(name, source, _config_pair(account.config))
+        return None
+
     async def _run(self, name: str) -> None:
         account = self._pool.get(name)
         if not self._is_oauth(account) or account is None or not account.config.refresh_token:
@@ -335,7 +439,7 @@ class AccountsService(Service):
         source = config.import_from
         if source:
             # Shared grant: Claude Code may have rotated it since we last looked.
-            theirs = self._read(name, source)
+            theirs = self._read_live(name, source, write_back=True)
             if (
                 theirs is not None
                 and theirs.access_token != config.access_token
@@ -356,7 +460,8 @@ class AccountsService(Service):
             except OAuthError as error:
                 if error.kind == "invalid_grant" and source and not reread:
                     reread = True
-                    theirs = self._read(name, source)
+                    # Our pair is dead too: nothing worth writing back.
+                    theirs = self._read_live(name, source, write_back=False)
                     if theirs is not None and theirs.refresh_token and theirs.refresh_token != token:
                         # Someone else rotated the shared grant first: theirs is the live pair.
                         self._log.info(
@@ -377,56 +482,328 @@ class AccountsService(Service):
                     self._failed(name, error)
                 return
             break
-        self._store(name, tokens, source)
+        self._store(name, tokens, source, spent=token)
         self._succeeded(name)
 
-    def _store(self, name: str, pair: credentials.TokenPair, write_back: str | None) -> bool:
-        """Save ``pair`` to the config file, then let the account use it; False if it was removed."""
-        try:
-            present = update_account(self.config_path, name, _pair_fields(pair))
-        except (ConfigError, OSError) as e:
-            # The old refresh token may already be dead: keeping the new pair
-            # in memory is the only way left to keep the account alive.
-            self._log.error(
-                "could not save the new token of {account}: {problem}; using it until the proxy stops",
-                account=name,
-                problem=str(e),
-            )
-            present = True
+    def _store(
+        self, name: str, pair: credentials.TokenPair, write_back: str | None, spent: str | None = None
+    ) -> bool:
+        """Save ``pair`` to the config file, then let the account use it; False if it was removed.
+
+        ``spent`` is the refresh token the server rotated to get ``pair``:
+        it is dead from this moment, so its digest is recorded first.
+        """
+        account = self._pool.get(name)
+        previous = account.config.refresh_token if account is not None else None
+        if spent is not None and pair.refresh_token and pair.refresh_token != spent:
+            self._spent.add(name, spent)
+            self._spent_dirty = True
+        fields = _pair_fields(pair)
+        if "refreshToken" not in fields and previous:
+            fields["refreshToken"] = previous  # not rotated: the old one stays live
+        self._unsaved[name] = _Unsaved(fields, previous)
+        outcome = self._save_all().get(name, UNSAVED)
+        # UNSAVED: the old refresh token may already be dead, so the pair in
+        # memory (and its recovery copy) is all that keeps the account alive.
+        present = outcome in (SAVED, UNSAVED)
         if present:
             account = self._pool.get(name)
             if account is not None:
-                account.config = dataclasses.replace(
-                    account.config,
-                    access_token=pair.access_token,
-                    refresh_token=pair.refresh_token or account.config.refresh_token,
-                    expires_at=pair.expires_at_ms,
-                    scopes=tuple(pair.scopes) or account.config.scopes,
-                )
+                account.config = _with_pair(account.config, fields)
                 account.error = None
         if write_back:
             # Even for a removed account: the pair in the source is dead now,
             # and Claude Code lives on it.
-            try:
-                self._write_source(write_back, pair)
-            except credentials.CredentialsError as e:
-                self._log.warn(
-                    "could not write the new token of {account} back to {source}: {problem}; "
-                    "Claude Code may ask you to log in again",
-                    account=name,
-                    source=write_back,
-                    problem=e.problem,
-                )
-            except Exception:
-                self._log.failure("writing the new token back to {source} failed", source=write_back)
-        if not present:
+            self._write_back(name, write_back, pair)
+        if outcome == ABSENT:
             self._log.info(
                 "{account} was removed from {path} while its token was refreshed; not adding it back",
                 account=name,
                 path=str(self.config_path),
             )
+        elif outcome == SUPERSEDED:
+            self._log.info(
+                "{account} got other tokens in {path} while its token was refreshed; using those",
+                account=name,
+                path=str(self.config_path),
+            )
+        if not present:
             self._reload_logged()
         return present
+
+    def _write_back(self, name: str, source: str, pair: credentials.TokenPair) -> None:
+        try:
+            self._write_source(source, pair)
+        except credentials.CredentialsError as e:
+            self._log.warn(
+                "could not write the new token of {account} back to {source}: {problem}; "
+                "Claude Code may ask you to log in again",
+                account=name,
+                source=source,
+                problem=e.problem,
+            )
+        except Exception:
+            self._log.failure("writing the new token back to {source} failed", source=source)
+
+    # -- saving, forward only ---------------------------------------------------------
+
+    def _save_all(self, lock_timeout: float | None = None) -> dict[str, str]:
+        """One attempt at everything not on disk yet, under one hold of the lock: the spent
+        ledger first (a pair must never land without the record of the token it replaced),
+        then every unsaved pair. Returns each pair's outcome; failures are retried on a timer.
+        """
+        outcomes: dict[str, str] = {}
+        if not self._unsaved and not self._spent_dirty:
+            return outcomes
+        try:
+            with self._config_store.locked(timeout=lock_timeout):
+                self._save_ledger()
+                for name in list(self._unsaved):
+                    outcomes[name] = self._save_pair(name)
+        except (FileProblem, OSError) as error:
+            # The lock itself: another process keeps it, or its directory is unusable.
+            for name in list(self._unsaved):
+                if name not in outcomes:
+                    outcomes[name] = UNSAVED
+                    self._keep_copy(name, error)
+        if self._unsaved or self._spent_dirty:
+            self._schedule_save()
+        else:
+            self._save_failures = 0
+            self._cancel(self._save_timer)
+            self._save_timer = None
+        return outcomes
+
+    def _save_ledger(self) -> None:
+        if not self._spent_dirty:
+            return
+        try:
+            tokenstate.save_spent(self.config_path, self._spent)
+        except (FileProblem, OSError) as error:
+            self._log.warn(
+                "could not record spent refresh tokens in the state file: {problem}; retrying",
+                problem=_describe(error, tokenstate.state_store(self.config_path).path),
+            )
+        else:
+            self._spent_dirty = False
+
+    def _save_pair(self, name: str) -> str:
+        unsaved = self._unsaved[name]
+        try:
+            outcome = save_tokens(self.config_path, name, unsaved.fields, unsaved.replaceable(self._spent))
+        except (FileProblem, OSError) as error:
+            self._keep_copy(name, error)
+            return UNSAVED
+        del self._unsaved[name]
+        if unsaved.failures:
+            if outcome == SAVED:
+                self._log.info("saved the new token of {account} to {path}", account=name, path=str(self.config_path))
+            else:
+                self._log.info(
+                    "dropping the unsaved token of {account}: {path} no longer holds its old one",
+                    account=name,
+                    path=str(self.config_path),
+                )
+        self._resolved(name)
+        return outcome
+
+    def _resolved(self, name: str) -> None:
+        """The pair landed (or is not wanted any more): its recovery copy and problems go."""
+        try:
+            tokenstate.remove_recovery(self.config_path, name)
+        except OSError as error:
+            self._log.warn(
+                "could not remove {path}: {problem}; the next start removes it",
+                path=str(tokenstate.recovery_path(self.config_path, name)),
+                problem=error.strerror or str(error),
+            )
+        self._problems.clear(name, TOKEN_UNSAVED)
+        self._problems.clear(name, TOKEN_IN_MEMORY)
+
+    def _keep_copy(self, name: str, error: Exception) -> None:
+        """The pair did not land: make sure a recovery file holds it, and say where it is."""
+        unsaved = self._unsaved[name]
+        unsaved.failures += 1
+        problem = _describe(error, self.config_path)
+        recovery = tokenstate.recovery_path(self.config_path, name)
+        recovery_problem = None
+        if not unsaved.recovery:
+            try:
+                tokenstate.write_recovery(self.config_path, name, unsaved.fields, self._spent.digests(name))
+            except OSError as e:
+                recovery_problem = e.strerror or str(e)
+            else:
+                unsaved.recovery = True
+        retrying = "; retrying" if self.running else ""
+        if unsaved.recovery:
+            kept = f"a copy is in {recovery}{retrying}"
+            self._problems.clear(name, TOKEN_IN_MEMORY)
+            self._problems.raise_problem(
+                name, TOKEN_UNSAVED, f"{name}: new token not saved ({problem}); a copy is in {recovery}, saving is retried"
+            )
+        else:
+            kept = f"{recovery} could not be written either ({recovery_problem}); it is held only in memory{retrying}"
+            self._problems.clear(name, TOKEN_UNSAVED)
+            self._problems.raise_problem(name, TOKEN_IN_MEMORY, IN_MEMORY_MESSAGE.format(name=name))
+        if problem != unsaved.problem:
+            unsaved.problem = problem
+            self._log.error(
+                "could not save the new token of {account}: {problem}; {kept}", account=name, problem=problem, kept=kept
+            )
+
+    def _schedule_save(self) -> None:
+        self._save_failures += 1
+        self._cancel(self._save_timer)
+        self._save_timer = None
+        if not self.running:
+            return
+        delay = min(SAVE_RETRY_CAP, SAVE_RETRY_START * 2.0 ** (self._save_failures - 1))
+        self._save_timer = self._reactor.callLater(delay, self._retry_save)
+
+    def _retry_save(self) -> None:
+        self._save_timer = None
+        outcomes = self._save_all()
+        if any(outcome in (ABSENT, SUPERSEDED) for outcome in outcomes.values()):
+            # The file changed under the unsaved pair: the pool follows it.
+            self._reload_logged()
+
+    def _final_save(self) -> None:
+        """At stop: one attempt per unsaved pair, never waiting long for the lock; say what is lost."""
+        try:
+            self._save_all(lock_timeout=STOP_SAVE_TIMEOUT)
+        except Exception:
+            self._log.failure("saving the unsaved tokens at stop failed")
+        for name, unsaved in self._unsaved.items():
+            if unsaved.recovery:
+                self._log.error(
+                    "{account}: new token not saved to {path}; {recovery} holds it and the next start adopts it",
+                    account=name,
+                    path=str(self.config_path),
+                    recovery=str(tokenstate.recovery_path(self.config_path, name)),
+                )
+            else:
+                self._log.error("{text}", text=IN_MEMORY_MESSAGE.format(name=name))
+
+    def _is_old(self, name: str, token: str | None) -> bool:
+        """Whether a refresh token read from a file is behind the account's live pair."""
+        if token is not None and self._spent.is_spent(token):
+            return True
+        unsaved = self._unsaved.get(name)
+        return unsaved is not None and token in (None, unsaved.previous)
+
+    def _refuse(self, name: str, token: str) -> None:
+        """The file gave ``name`` a spent refresh token and the proxy has no live pair to keep."""
+        refresher = self._refresher(name)
+        refresher.dead_token = token
+        refresher.retry_pending = False
+        self._cancel(refresher.timer)
+        refresher.timer = None
+        account = self._pool.get(name)
+        if account is None:
+            return
+        message = (
+            f"its refresh token in {self.config_path} was already used by the proxy and no newer copy is known; "
+            "run `nextclaude login` (or `nextclaude import`) again"
+        )
+        if account.error != message:
+            account.error = message
+            self._log.error("{account}: {message}", account=name, message=message)
+            self._hub.emit(events.ACCOUNT_ERROR, self._now(), account=name, message=message)
+
+    def _recover(self) -> None:
+        """At start: remove temp files killed writes left, load the spent ledger, adopt
+        recovery files whose pair never landed, and refuse spent tokens in the config."""
+        state = tokenstate.state_store(self.config_path)
+        for store in (self._config_store, state):
+            try:
+                removed = store.remove_stale_temps()
+            except (FileProblem, OSError) as error:
+                self._log.warn("could not look for stale temporary files: {problem}", problem=_describe(error, store.path))
+                continue
+            if removed:
+                self._log.info(
+                    "removed {count} temporary file(s) an interrupted write of {path} left behind",
+                    count=len(removed),
+                    path=str(store.path),
+                )
+        try:
+            self._spent = tokenstate.SpentTokens.from_state(state.read())
+        except FileProblem as error:
+            self._log.warn("could not read the spent refresh tokens: {problem}", problem=str(error))
+        recoveries = {r.account: r for r in tokenstate.read_recoveries(self.config_path)}
+        for recovery in recoveries.values():
+            self._spent.add_digests(recovery.account, recovery.spent)
+            self._spent_dirty = True
+        for account in self._pool:
+            recovery = recoveries.pop(account.name, None)
+            if recovery is not None and self._adopt(account, recovery):
+                continue
+            token = account.config.refresh_token
+            if self._is_old(account.name, token) and token is not None:
+                self._refuse(account.name, token)
+        for recovery in recoveries.values():
+            self._log.info(
+                "removing {recovery}: {account} is no longer in {path}",
+                recovery=str(recovery.path),
+                account=recovery.account,
+                path=str(self.config_path),
+            )
+            self._resolved(recovery.account)
+        self._save_all()
+
+    def _adopt(self, account: Account, recovery: tokenstate.Recovery) -> bool:
+        """Take the pair a recovery file kept if the config's is behind it; otherwise delete the file."""
+        name = account.name
+        token = account.config.refresh_token
+        theirs = recovery.refresh_token
+        if theirs == token or self._spent.is_spent(theirs) or (token is not None and not self._spent.is_spent(token)):
+            # Landed already, replaced by a later rotation, or the config holds
+            # a grant the proxy never spent (a new login since).
+            self._resolved(name)
+            return False
+        self._log.warn(
+            "{account}: adopting the token {recovery} kept (it never reached {path})",
+            account=name,
+            recovery=str(recovery.path),
+            path=str(self.config_path),
+        )
+        account.config = _with_pair(account.config, recovery.fields)
+        self._unsaved[name] = _Unsaved(dict(recovery.fields), token, recovery=True)
+        return True
+
+    def _guard(self, config: Config) -> tuple[Config, list[tuple[str, str]]]:
+        """The loaded accounts, each refresh token behind the live pair replaced by that pair.
+
+        Returns the config to use and the (name, token) of accounts whose
+        spent token has no live pair to replace it.
+        """
+        accounts: list[AccountConfig] = []
+        stale: list[tuple[str, str]] = []
+        for loaded in config.accounts:
+            token = loaded.refresh_token
+            if not self._is_old(loaded.name, token):
+                accounts.append(loaded)
+                continue
+            running = self._pool.get(loaded.name)
+            live = running.config if running is not None else None
+            if live is None or not live.refresh_token or not live.access_token or self._spent.is_spent(live.refresh_token):
+                accounts.append(loaded)
+                if token is not None:
+                    stale.append((loaded.name, token))
+                continue
+            # An editor that opened the file before a rotation saved it after,
+            # or an old copy was restored: the user's other edits stay.
+            self._log.warn(
+                "{path} holds an old refresh token of {account} (the proxy already used it); "
+                "keeping the current pair and writing it back",
+                path=str(self.config_path),
+                account=loaded.name,
+            )
+            fields = _pair_fields(_config_pair(live))
+            accounts.append(_with_pair(loaded, fields))
+            if loaded.name not in self._unsaved:
+                self._unsaved[loaded.name] = _Unsaved(fields, None)
+        return dataclasses.replace(config, accounts=tuple(accounts)), stale
 
     def _succeeded(self, name: str) -> None:
         refresher = self._refresher(name)
@@ -621,9 +998,11 @@ class AccountsService(Service):
         Raises ``ConfigError`` for a file that does not load; the running
         accounts stay as they were then.
         """
-        config = load_config(self.config_path, create=False)
+        config, stale = self._guard(load_config(self.config_path, create=False))
         before = {account.name: account.config for account in self._pool}
         added, removed = self._pool.update_accounts(config.accounts)
+        for name, token in stale:
+            self._refuse(name, token)
         self._poll_minutes = config.usage_poll_minutes
         for name in removed:
             self._router.forget(name)
@@ -640,6 +1019,8 @@ class AccountsService(Service):
                 self._arm(account.name)
             if account.name in added:
                 self._schedule_poll(account.name, 0.0)
+        # The file changed: unsaved pairs (and those the guard put back) get a try.
+        self._save_all()
         changed = [n for n in before if n not in removed and self._pool.get(n).config != before[n]]  # type: ignore[union-attr]
         if added or removed or changed:
             self._log.info(

@@ -539,6 +539,31 @@ def add_account(path: Path, account: dict[str, Any]) -> None:
     _update(path, operation)
 
 
+def _merge_account(path: Path, existing: dict[str, Any], index: int, changes: Mapping[str, Any]) -> None:
+    for key, value in changes.items():
+        if value is None:
+            existing.pop(key, None)
+        else:
+            existing[key] = value
+    # Only this account is checked: a refresh token the server has just
+    # rotated must be saved even if the user broke another field meanwhile,
+    # or the account is lost.
+    try:
+        _parse_account(existing, f"accounts[{index}]")
+    except _Invalid as e:
+        raise ConfigError(path, str(e)) from None
+
+
+def _find_account(data: Mapping[str, Any], name: str) -> tuple[int, dict[str, Any]] | None:
+    accounts = data.get("accounts")
+    if not isinstance(accounts, list):
+        return None
+    for index, existing in enumerate(accounts):
+        if isinstance(existing, dict) and existing.get("name") == name:
+            return index, existing
+    return None
+
+
 def update_account(path: Path, name: str, changes: Mapping[str, Any]) -> bool:
     """Merge ``changes`` (file-form keys; ``None`` removes one) into account ``name``.
 
@@ -547,25 +572,42 @@ def update_account(path: Path, name: str, changes: Mapping[str, Any]) -> bool:
     """
 
     def operation(data: dict[str, Any]) -> bool:
-        accounts = data.get("accounts")
-        if not isinstance(accounts, list):
+        found = _find_account(data, name)
+        if found is None:
             return False
-        for index, existing in enumerate(accounts):
-            if isinstance(existing, dict) and existing.get("name") == name:
-                for key, value in changes.items():
-                    if value is None:
-                        existing.pop(key, None)
-                    else:
-                        existing[key] = value
-                # Only this account is checked: a refresh token the server has
-                # just rotated must be saved even if the user broke another
-                # field meanwhile, or the account is lost.
-                try:
-                    _parse_account(existing, f"accounts[{index}]")
-                except _Invalid as e:
-                    raise ConfigError(path, str(e)) from None
-                return True
-        return False
+        _merge_account(path, found[1], found[0], changes)
+        return True
+
+    return _update(path, operation, create=False)
+
+
+#: What ``save_tokens`` did: wrote the pair, found no such account, or left
+#: a pair it was told not to replace.
+SAVED, ABSENT, SUPERSEDED = "saved", "absent", "superseded"
+
+
+def save_tokens(
+    path: Path, name: str, changes: Mapping[str, Any], replaceable: Callable[[str | None], bool]
+) -> str:
+    """Write a token pair into account ``name`` if the file's pair may be replaced.
+
+    ``replaceable`` gets the refresh token the file holds *now* (under the
+    lock) and says whether it is one the pair descends from or a spent one;
+    a different, live token means the user put a new grant there meanwhile
+    (``nextclaude login``), which must not be clobbered. Other fields of the
+    account are kept. Returns ``SAVED``, ``ABSENT`` or ``SUPERSEDED``.
+    """
+
+    def operation(data: dict[str, Any]) -> str:
+        found = _find_account(data, name)
+        if found is None:
+            return ABSENT
+        index, existing = found
+        current = existing.get("refreshToken")
+        if not replaceable(current if isinstance(current, str) else None):
+            return SUPERSEDED
+        _merge_account(path, existing, index, changes)
+        return SAVED
 
     return _update(path, operation, create=False)
 

@@ -28,13 +28,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nextclaude.config import mask_secret
-from nextclaude.store import atomic_write
+from nextclaude.store import atomic_write, remove_stale_temps
 
 KEYCHAIN_SERVICE = "Claude Code-credentials"
 KEYCHAIN_PREFIX = "keychain:"
 KEYCHAIN_SOURCE = KEYCHAIN_PREFIX + KEYCHAIN_SERVICE
 NESTED_KEYS = ("claudeAiOauth", "claude_ai_oauth")
 SECURITY_TIMEOUT = 15.0
+# Claude Code and other proxies write this directory without our lock, and a
+# write-back of ours may be running in another process: only temp files this
+# old are certainly orphans.
+STALE_TEMP_AGE = 600.0
 
 # (camelCase, snake_case) spellings of each field.
 _FIELDS = {
@@ -345,6 +349,9 @@ def _write_file(path: Path, tokens: TokenPair) -> None:
             raise
         existing, mode = None, 0o600
     data = _merge(existing, tokens, where)
+    # An earlier write-back killed mid-write left a private copy of an old
+    # pair beside the file; only our own exact temp names, never Claude Code's.
+    remove_stale_temps(path, older_than=STALE_TEMP_AGE)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Claude Code writes it compact; one line keeps diffs of other keys small too.

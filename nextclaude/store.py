@@ -16,8 +16,11 @@ import copy
 import fcntl
 import json
 import os
+import re
 import secrets
+import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,55 @@ from typing import Any, TypeVar
 from nextclaude.paths import FileProblem, ensure_private_dir
 
 T = TypeVar("T")
+
+# Patched by tests, so a lock wait with a timeout needs no real sleeping.
+_monotonic = time.monotonic
+_sleep = time.sleep
+LOCK_POLL = 0.05
+
+
+def temp_name(target_name: str) -> str:
+    """The name ``atomic_write`` gives the temporary file it renames over ``target_name``."""
+    return f".{target_name}.{secrets.token_hex(6)}.tmp"
+
+
+def is_temp_of(entry_name: str, target_name: str) -> bool:
+    """Whether ``entry_name`` is exactly what ``temp_name(target_name)`` makes, and nothing else."""
+    return re.fullmatch(rf"\.{re.escape(target_name)}\.[0-9a-f]{{12}}\.tmp", entry_name) is not None
+
+
+def remove_stale_temps(path: Path, older_than: float = 0.0, now: float | None = None) -> list[Path]:
+    """Delete the temporary files an interrupted ``atomic_write`` of ``path`` left behind.
+
+    A kill between creating the temp file and renaming it leaves a private
+    copy of the file (tokens included) nobody will ever read. Only names of
+    our exact pattern for this one file are touched, only regular files, and
+    only those last modified ``older_than`` seconds or more before ``now``:
+    a caller that cannot exclude a concurrent writer (no shared lock) passes
+    a margin longer than any write takes. Returns what was removed; a file
+    that cannot be examined or removed is skipped.
+    """
+    target = Path(os.path.realpath(path))
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    if now is None:
+        now = time.time()
+    removed: list[Path] = []
+    for name in names:
+        if not is_temp_of(name, target.name):
+            continue
+        candidate = target.parent / name
+        try:
+            info = os.lstat(candidate)
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < older_than:
+                continue
+            os.unlink(candidate)
+        except OSError:
+            continue
+        removed.append(candidate)
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -45,7 +97,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     # Write through a symlink to its target (dotfile managers link config
     # files); renaming over the link itself would silently detach it.
     target = Path(os.path.realpath(path))
-    temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    temp = target.parent / temp_name(target.name)
     # Created 0600 (the umask can only take bits away) so the tokens in it are
     # never readable by others, not even between open() and chmod().
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -75,6 +127,29 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 class StoreError(FileProblem):
     """A file that exists but cannot be used; it is never overwritten."""
+
+
+class LockTimeout(StoreError):
+    """The lock stayed with another process for longer than the caller could wait."""
+
+
+def _acquire(fd: int, lock_path: Path, timeout: float | None) -> None:
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    # Polling: flock has no timed wait, and a stop must never hang on a
+    # lock another process keeps.
+    deadline = _monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        remaining = deadline - _monotonic()
+        if remaining <= 0:
+            raise LockTimeout(lock_path, f"is held by another process (gave up after {timeout:g} s)")
+        _sleep(min(LOCK_POLL, remaining))
 
 
 @dataclass
@@ -165,15 +240,19 @@ class JsonStore:
         return (os.getpid(), threading.get_ident(), os.path.realpath(self.lock_path))
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the exclusive lock; re-entrant within one thread, so ``update`` works inside."""
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the exclusive lock; re-entrant within one thread, so ``update`` works inside.
+
+        With ``timeout`` (seconds), ``LockTimeout`` when another process
+        keeps the lock that long; without, wait as long as it takes.
+        """
         key = self._key()
         holding = _held.get(key)
         if holding is None:
             ensure_private_dir(self.lock_path.parent)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _acquire(fd, self.lock_path, timeout)
             except BaseException:
                 os.close(fd)
                 raise
@@ -233,5 +312,13 @@ class JsonStore:
                 encoded = (text + "\n").encode("utf-8")
                 if before is None:
                     ensure_private_dir(self.path.parent)
+                # Every writer of this file holds the lock while its temp file
+                # exists, so under the lock any temp file is a killed writer's.
+                remove_stale_temps(self.path)
                 atomic_write(self.path, encoded, 0o600)
             return result
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Under the lock, delete temp files killed writers of this file left; returns them."""
+        with self.locked():
+            return remove_stale_temps(self.path)

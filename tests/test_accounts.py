@@ -31,6 +31,7 @@ from nextclaude.credentials import CredentialsError, read_credentials
 from nextclaude.events import Event, EventHub
 from nextclaude.oauth import OAuthClient
 from nextclaude.pool import Account, AccountPool, Thresholds
+from nextclaude.problems import Problems
 from nextclaude.quota import WindowQuota
 from nextclaude.router import Router
 from nextclaude.scheduler import Scheduler
@@ -101,6 +102,7 @@ class Harness(SynchronousTestCase):
         self.hub = EventHub()
         self.hub.subscribe(self.events.append)
         self.router = Router(self.pool, self.clock.seconds, self.hub)
+        self.problems = Problems(self.hub, self.clock.seconds)
         options = {"sighup": False, "poll_usage": self.poll_usage, **settings}
         self.service = AccountsService(
             self.clock,
@@ -111,6 +113,7 @@ class Harness(SynchronousTestCase):
             self.client,
             AccountsSettings.from_config(config, **options),
             random=lambda: self.random,
+            problems=self.problems,
         )
         self.router.can_refresh = self.service.can_refresh
         self.service.startService()

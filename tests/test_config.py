@@ -28,6 +28,10 @@ from nextclaude.config import (
     parse_config,
     remove_account,
     update_account,
+    save_tokens,
+    SAVED,
+    SUPERSEDED,
+    ABSENT,
 )
 from nextclaude.store import JsonStore
 
@@ -635,3 +639,30 @@ class EditTests(FileTestCase):
         )
         self.assertIn("accounts[0].expiresAt", str(error))
         self.assertEqual(self.path.read_bytes(), raw)
+
+    def test_save_tokens_replaces_only_what_it_may(self) -> None:
+        """save_tokens writes the pair, keeping other edits, when the file's refresh token is one the caller may
+        replace (its own old one, a spent one, none); a different, live token (a new login meanwhile) is left
+        alone; a missing account is reported, not added."""
+        pair = {"accessToken": "sk-ant-oat01-NEW", "refreshToken": "sk-ant-ort01-NEW", "expiresAt": 1_950_000_000_000}
+        replaceable = {None, "sk-ant-ort01-OLD", "sk-ant-ort01-SPENT"}
+        cases = [("sk-ant-ort01-OLD", SAVED), ("sk-ant-ort01-SPENT", SAVED), (None, SAVED), ("sk-ant-ort01-LOGIN", SUPERSEDED)]
+        for current, outcome in cases:
+            account = oauth_account(priority=9)
+            account.pop("refreshToken", None)
+            if current is not None:
+                account["refreshToken"] = current
+            self.write({"accounts": [account]})
+            seen: list[str | None] = []
+
+            def may(token: str | None) -> bool:
+                seen.append(token)
+                return token in replaceable
+
+            self.assertEqual(save_tokens(self.path, "work", pair, may), outcome, current)
+            self.assertEqual(seen, [current])
+            saved = self.on_disk()["accounts"][0]
+            self.assertEqual(saved["priority"], 9)
+            self.assertEqual(saved.get("refreshToken"), pair["refreshToken"] if outcome == SAVED else current)
+        self.assertEqual(save_tokens(self.path, "nobody", pair, lambda token: True), ABSENT)
+        self.assertEqual([a["name"] for a in self.on_disk()["accounts"]], ["work"])

@@ -260,3 +260,36 @@ class KeychainTests(SynchronousTestCase):
     def test_run_command_missing_program(self) -> None:
         """The default runner reports a missing program as exit status 127."""
         self.assertEqual(credentials.run_command(["/nonexistent/security"], None).returncode, 127)
+
+
+class StaleTempTests(SynchronousTestCase):
+    """A write-back killed mid-write leaves a temp file holding tokens beside Claude Code's file (item 13)."""
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir()
+        self.path = self.dir / ".credentials.json"
+        self.path.write_text(json.dumps(NESTED))
+
+    def make(self, name: str, age: float) -> Path:
+        path = self.dir / name
+        path.write_text(json.dumps(NESTED))
+        when = os.stat(path).st_mtime - age
+        os.utime(path, (when, when))
+        return path
+
+    def test_old_temps_of_our_naming_removed(self) -> None:
+        """Our temp names older than 10 minutes are removed on write-back; younger ones (a write-back running
+        in another process) and every other name (Claude Code's own temps, backups) stay."""
+        self.make("..credentials.json.0123456789ab.tmp", age=11 * 60)
+        self.make("..credentials.json.ba9876543210.tmp", age=60 * 60)
+        young = self.make("..credentials.json.00000000000f.tmp", age=9 * 60)
+        others = [
+            self.make(name, age=60 * 60)
+            for name in (".credentials.json.tmp", ".credentials.json.1234.tmp", ".credentials.json.bak", "notes.tmp")
+        ]
+        write_back(str(self.path), TokenSet("sk-ant-oat01-NEW", "sk-ant-ort01-NEW", None, ()))
+        self.assertEqual(read_credentials(str(self.path)).refresh_token, "sk-ant-ort01-NEW")
+        self.assertEqual(
+            sorted(p.name for p in self.dir.iterdir()), sorted([".credentials.json", young.name] + [p.name for p in others])
+        )

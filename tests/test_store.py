@@ -407,3 +407,132 @@ class ReentrancyBookkeepingTests(StoreTestCase):
                 pass
         self.store().update(lambda data: None, create=dict)
         self.assertEqual(store._held, before)
+
+
+class StaleTempTests(StoreTestCase):
+    """Temp files of atomic_write's naming that a killed writer left behind (issue 10, item 13)."""
+
+    def make(self, name: str, age: float = 0.0) -> Path:
+        path = self.dir / name
+        path.write_text('{"refreshToken": "sk-ant-ort01-secret"}')
+        when = os.stat(path).st_mtime - age
+        os.utime(path, (when, when))
+        return path
+
+    def test_only_our_exact_names(self) -> None:
+        """Only `.<file>.<12 hex>.tmp` of this one file is removed; other files' temps, near misses, the file
+        itself, recovery files and their temps, directories and symlinks stay."""
+        self.path.write_text("{}")
+        ours = [self.make(".data.json.0123456789ab.tmp"), self.make(".data.json.ffffffffffff.tmp")]
+        kept = [
+            ".data.json.0123456789AB.tmp",  # not what token_hex makes
+            ".data.json.0123456789a.tmp",
+            ".data.json.tmp",
+            "data.json.0123456789ab.tmp",
+            ".data.json.0123456789ab.tmp.bak",
+            ".other.json.0123456789ab.tmp",
+            ".recovery-a.json.0123456789ab.tmp",
+            "recovery-a.json",
+            "data.json.bak",
+        ]
+        for name in kept:
+            self.make(name)
+        (self.dir / ".data.json.aaaaaaaaaaaa.tmp").mkdir()
+        (self.dir / ".data.json.bbbbbbbbbbbb.tmp").symlink_to(self.path)
+        removed = store.remove_stale_temps(self.path)
+        self.assertEqual(sorted(p.name for p in removed), sorted(p.name for p in ours))
+        self.assertEqual(
+            self.leftovers(), sorted(kept + [".data.json.aaaaaaaaaaaa.tmp", ".data.json.bbbbbbbbbbbb.tmp"])
+        )
+        self.assertEqual(self.path.read_text(), "{}")
+
+    def test_age_threshold(self) -> None:
+        """With a minimum age, only temp files last modified at least that long ago are removed."""
+        old = self.make(".data.json.000000000001.tmp", age=601)
+        self.make(".data.json.000000000002.tmp", age=540)
+        self.make(".data.json.000000000003.tmp", age=0)
+        self.assertEqual([p.name for p in store.remove_stale_temps(self.path, older_than=600)], [old.name])
+        self.assertEqual(self.leftovers(), [".data.json.000000000002.tmp", ".data.json.000000000003.tmp"])
+
+    def test_through_symlink(self) -> None:
+        """For a symlinked file the temps beside its target (where atomic_write puts them) are removed."""
+        real = self.dir / "real"
+        real.mkdir()
+        (real / "data.json").write_text("{}")
+        self.path.symlink_to((real / "data.json").absolute())
+        temp = real / ".data.json.0123456789ab.tmp"
+        temp.write_text("{}")
+        self.assertEqual(store.remove_stale_temps(self.path), [Path(os.path.realpath(temp))])
+        self.assertFalse(temp.exists())
+
+    def test_update_removes_them_under_the_lock(self) -> None:
+        """Every locked write removes its file's orphaned temps, however young (under the lock no writer of
+        this file can be mid-write); other files' temps are left for their own writes."""
+        self.path.write_text("{}")
+        self.make(".data.json.0123456789ab.tmp")
+        other = self.make(".state.json.0123456789ab.tmp")
+        self.store().update(lambda data: data.update(x=1))
+        self.assertEqual(self.leftovers(), [other.name])
+        self.assertEqual([p.name for p in JsonStore(self.dir / "state.json", self.lock).remove_stale_temps()], [other.name])
+        self.assertEqual(self.leftovers(), [])
+
+    def test_missing_directory(self) -> None:
+        """A directory that does not exist has nothing to remove."""
+        self.assertEqual(store.remove_stale_temps(self.dir / "nowhere" / "data.json"), [])
+
+
+class LockTimeoutTests(StoreTestCase):
+    def hold(self) -> None:
+        # Another open file description on the lock: to flock, another process.
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def fake_time(self) -> list[float]:
+        now = [100.0]
+        self.patch(store, "_monotonic", lambda: now[0])
+        self.patch(store, "_sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+        return now
+
+    def test_gives_up_after_timeout(self) -> None:
+        """With a timeout, a lock another holder keeps raises LockTimeout (a StoreError naming the lock file)
+        once that much time has passed, and the lock is not left half-taken."""
+        self.hold()
+        for timeout in (0.0, 0.2, 3.0):
+            now = self.fake_time()
+            start = now[0]
+            with self.assertRaises(store.LockTimeout) as caught:
+                with self.store().locked(timeout=timeout):
+                    self.fail("got the lock")
+            self.assertIsInstance(caught.exception, StoreError)
+            self.assertEqual(caught.exception.path, self.lock)
+            self.assertGreaterEqual(now[0] - start, timeout)
+            self.assertLess(now[0] - start, timeout + store.LOCK_POLL + 1e-9)
+        self.assertEqual(store._held, {})
+
+    def test_free_lock_taken_at_once(self) -> None:
+        """A free lock is taken without waiting, and re-entrantly inside."""
+        now = self.fake_time()
+        with self.store().locked(timeout=1.0):
+            self.store().update(lambda data: data.update(x=1), create=dict)
+        self.assertEqual(now[0], 100.0)
+        self.assertEqual(json.loads(self.path.read_text()), {"x": 1})
+
+    def test_waits_for_release(self) -> None:
+        """A lock released while waiting is taken before the timeout."""
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        now = [0.0]
+        self.patch(store, "_monotonic", lambda: now[0])
+
+        def sleep(seconds: float) -> None:
+            now[0] += seconds
+            if now[0] >= 1.0:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+        self.patch(store, "_sleep", sleep)
+        with self.store().locked(timeout=5.0):
+            pass
+        self.assertGreaterEqual(now[0], 1.0)
+        self.assertLess(now[0], 2.0)
