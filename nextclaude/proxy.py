@@ -735,8 +735,8 @@ class ProxyResource(Resource):
         decision, response = outcome.decision, outcome.response
         account = decision.account
         if account is None:
-            self._reject_exhausted(request, decision.retry_after, decision.reset)
-            self._finished_event(request, request_id, started, None, 429, decision.reason, None)
+            self._reject_exhausted(request, decision)
+            self._finished_event(request, request_id, started, None, decision.status, decision.reason, None)
             return
         if gone or response is None:
             if response is not None:
@@ -857,21 +857,28 @@ class ProxyResource(Resource):
         request.write(respond_error(request, code, kind, message))
         request.finish()
 
-    def _reject_exhausted(self, request: Request, retry_after: int | None, reset: float | None) -> None:
+    def _reject_exhausted(self, request: Request, decision: Decision) -> None:
+        """
+        No account can serve: a 401 when every credential is dead (waiting
+        will not help), else the synthetic 429 (DESIGN.md point 9); the
+        router's message says why each account is out and how to fix the
+        dead ones.
+        """
         if request._disconnected:
             return
+        if decision.status == 401:
+            self._finish_error(request, 401, "authentication_error", decision.message)
+            return
         cap = self._config.retry_after_cap
-        wait = min(retry_after if retry_after is not None else cap, cap)
+        wait = min(decision.retry_after if decision.retry_after is not None else cap, cap)
         request.setHeader(b"retry-after", str(wait).encode("ascii"))
-        request.setHeader(b"anthropic-ratelimit-unified-status", b"rejected")
-        if reset is not None:
-            request.setHeader(b"anthropic-ratelimit-unified-reset", str(int(reset)).encode("ascii"))
-        self._finish_error(
-            request,
-            429,
-            "rate_limit_error",
-            f"Every NextClaude account is out of quota; retry in {wait} s.",
-        )
+        if decision.out_of_quota:
+            # Claude Code shows its usage-limit notice for these; accounts
+            # that are only throttled would make it a false one.
+            request.setHeader(b"anthropic-ratelimit-unified-status", b"rejected")
+            if decision.reset is not None:
+                request.setHeader(b"anthropic-ratelimit-unified-reset", str(int(decision.reset)).encode("ascii"))
+        self._finish_error(request, 429, "rate_limit_error", decision.message)
 
     def _finished_event(
         self,

@@ -14,11 +14,12 @@ the waiting the verdicts ask for.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from nextclaude import events
 from nextclaude.events import EventHub
+from nextclaude.humanize import duration
 from nextclaude.pool import ACCOUNT_WIDE, Account, AccountPool, Status, model_family, window_applies
 from nextclaude.quota import REJECTED, QuotaReport
 from nextclaude.sessions import Moment, RequestFacts, Session, SessionTable
@@ -36,10 +37,14 @@ QUOTA_429 = "quota-429"
 RETRY_401 = "retry-401"
 RETRY_403 = "retry-403"
 RETRY_TRANSIENT = "retry-transient"
+RETRY_THROTTLE = "retry-throttle"
 RETRY_CONNECT = "retry-connect"
 FORWARD_ONLY_WAIVED = "forward-only-waived"
 PROBE = "probe"
 EXHAUSTED = "exhausted"
+# Nothing can serve and no account will come back by waiting: every
+# credential is dead.
+NO_CREDENTIALS = "no-credentials"
 
 # Policies: the real one, the same without the forecast, and the naive
 # baseline the benchmark compares against.
@@ -55,11 +60,18 @@ LONGEST_CACHE_TTL = 3600.0
 # When a quota 429 names no reset, assume the account is out for this long.
 UNKNOWN_RESET_BACKOFF = 60.0
 
-# A transient 429 on a subscription account: wait min(retry-after or 2 s,
-# 10 s) and retry the warm account at most twice before moving on.
+# What a 429 says (DESIGN.md point 10), see L{classify_429}.
+QUOTA_OUT = "quota"
+ACCOUNT_THROTTLE = "throttle"
+REQUEST_SCOPED = "request"
+
+# A 429 that is not a quota verdict is retried on the same account at most
+# twice per request: waiting a little is cheaper than rebuilding the
+# conversation's cache elsewhere.  A throttle waits min(retry-after, 10 s);
+# a request-scoped 429 names no wait, so a short one.
+SAME_ACCOUNT_429_RETRIES = 2
+THROTTLE_WAIT_CAP = 10.0
 TRANSIENT_WAIT = 2.0
-TRANSIENT_WAIT_CAP = 10.0
-TRANSIENT_RETRIES = 2
 
 _CHEAP_MOMENTS = {
     Moment.LANDING: LANDED_AFTER_COMPACTION,
@@ -81,7 +93,12 @@ class Exchange:
     # Set by a verdict: the next attempt goes to this account, for this reason.
     retry_on: str | None = None
     next_reason: str | None = None
-    transient_retries: int = 0
+    # Same-account retries after 429s that were no quota verdict.
+    retries_429: int = 0
+    # A failover's move of the session, made only once that account serves
+    # (account name, reason): a request that ends without an answer from it
+    # leaves the session on its warm account.
+    pending_move: tuple[str, str] | None = None
     refreshed: bool = False
     forbidden_by: str | None = None
     connect_retried: bool = False
@@ -95,8 +112,12 @@ class Exchange:
 @dataclass(frozen=True)
 class Decision:
     """
-    The account to use and why; no account means every account is out, and
-    the client gets a 429 with C{retry_after} seconds and the soonest reset.
+    The account to use and why.  No account means nothing can serve: the
+    client gets C{status} with C{message}.  A 429 (some account comes back
+    by waiting) carries C{retry_after} seconds and the soonest C{reset}, and
+    C{out_of_quota} when an account is out of quota (not merely throttled),
+    so the client may show its usage-limit notice; a 401 means every
+    credential is dead and waiting will not help.
     """
 
     account: Account | None
@@ -104,6 +125,9 @@ class Decision:
     retry_after: int | None = None
     reset: float | None = None
     probe: bool = False
+    status: int = 429
+    message: str = ""
+    out_of_quota: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,48 @@ class Verdict:
 
 SERVE = Verdict(serve=True)
 RETRY = Verdict(serve=False)
+
+
+def classify_429(report: QuotaReport, at_ceiling: bool) -> str:
+    """
+    What a 429 says (DESIGN.md point 10): a quota verdict (a rejected
+    status, aggregate or per-window, or an account at the ceiling); an
+    account throttle (C{retry-after} without a rejection, such as a
+    per-minute limit); or, saying neither, a limit on this one request (a
+    model the account may not use, say) that is no verdict on the account.
+    """
+    if report.is_rejected() or at_ceiling:
+        return QUOTA_OUT
+    if report.retry_after is not None:
+        return ACCOUNT_THROTTLE
+    return REQUEST_SCOPED
+
+
+def credential_fix(account: Account) -> str:
+    """
+    What the user runs or edits to give a dead account working credentials;
+    a running proxy picks the change up by itself.
+    """
+    name = account.name
+    if account.kind == "apikey":
+        return f"put a working key in {name}'s apiKey in the NextClaude config file"
+    if account.config.import_from:
+        return (
+            f"log in to Claude Code again and run `nextclaude import --name {name}`, "
+            f"or run `nextclaude login --name {name}`"
+        )
+    return f"run `nextclaude login --name {name}`"
+
+
+def _cause(error: str) -> str:
+    # Account errors read "what happened; what to do" wherever they are set;
+    # the client's message gives its own fix, which names the account.
+    return error.rsplit("; ", 1)[0]
+
+
+def _dead_entry(account: Account) -> str:
+    kind = "API key" if account.kind == "apikey" else "subscription"
+    return f"{account.name} ({kind}): {_cause(account.error or '')}; fix: {credential_fix(account)}"
 
 
 class Router:
@@ -315,8 +381,12 @@ class Router:
         if exchange.retry_on is not None:
             name, exchange.retry_on = exchange.retry_on, None
             account = self.pool.get(name)
-            if account is not None:
+            if account is not None and account.error is None:
                 return self._decide(exchange, account, exchange.next_reason or AFFINITY, now)
+            if account is not None:
+                # The refresh before this retry found the credential dead
+                # (invalid_grant): another 401 would only hide that cause.
+                exchange.tried.add(name)
         if self.policy == NAIVE:
             return self._route_naive(exchange, now, family)
         session = exchange.session
@@ -332,22 +402,33 @@ class Router:
             return self._all_exhausted(exchange, now)
         return self._decide(exchange, account, reason, now)
 
-    def _decide(self, exchange: Exchange, account: Account, reason: str, now: float) -> Decision:
+    def _decide(
+        self, exchange: Exchange, account: Account, reason: str, now: float, probe: bool = False
+    ) -> Decision:
         session = exchange.session
+        exchange.pending_move = None
         if session is not None and session.account != account.name:
-            if session.account is not None:
-                session.left[session.account] = now
-                self._hub.emit(
-                    events.SWITCHED,
-                    now,
-                    account=account.name,
-                    previous=session.account,
-                    reason=reason,
-                    session=session.key,
-                )
-            session.account = account.name
-            session.left.pop(account.name, None)
-        return Decision(account, reason)
+            if session.account is not None and (exchange.tried or probe):
+                # A failover or a probe: the session follows only if this
+                # account serves the request (see _served).
+                exchange.pending_move = (account.name, reason)
+            else:
+                self._move_session(session, account.name, reason, now)
+        return Decision(account, reason, probe=probe)
+
+    def _move_session(self, session: Session, name: str, reason: str, now: float) -> None:
+        if session.account is not None:
+            session.left[session.account] = now
+            self._hub.emit(
+                events.SWITCHED,
+                now,
+                account=name,
+                previous=session.account,
+                reason=reason,
+                session=session.key,
+            )
+        session.account = name
+        session.left.pop(name, None)
 
     def _for_new_session(self, exchange: Exchange, now: float, family: str | None) -> Account | None:
         tried = exchange.tried
@@ -466,7 +547,7 @@ class Router:
                 self._last_sweep = now
                 exchange.probe_queue = candidates
                 return self._next_probe(exchange, now)
-        return self._rejection(now, exchange.family)
+        return self._rejection(exchange, now)
 
     def _probe_candidates(self, exchange: Exchange, now: float) -> list[str]:
         """
@@ -493,9 +574,9 @@ class Router:
             account = self.pool.get(queue.pop(0))
             if account is not None and account.name not in exchange.tried:
                 self._hub.emit(events.PROBE, now, account=account.name)
-                return replace(self._decide(exchange, account, PROBE, now), probe=True)
+                return self._decide(exchange, account, PROBE, now, probe=True)
         self._end_sweep(exchange)
-        return self._rejection(now, exchange.family)
+        return self._rejection(exchange, now)
 
     def _end_sweep(self, exchange: Exchange) -> None:
         if exchange.probe_queue is not None:
@@ -522,22 +603,81 @@ class Router:
                 blocks.append(until)
         return max(blocks) if blocks else account.soonest_reset(now)
 
-    def _rejection(self, now: float, family: str | None = None) -> Decision:
-        resets = [
-            reset
-            for account in self.pool
-            if account.error is None
-            for reset in [self._back_at(account, now, family)]
-            if reset is not None
-        ]
-        reset = min(resets, default=None)
+    def _rejection(self, exchange: Exchange, now: float) -> Decision:
+        """
+        What the client hears when no account can serve.  With every
+        credential dead, a 401 naming each account, its cause and its fix:
+        waiting would not help, and a 429 would send the user waiting for a
+        reset that never comes.  Otherwise the synthetic 429 (DESIGN.md point
+        9): retry-after to the soonest account back, and a message saying
+        why each account is out, the dead ones too.
+        """
+        family = exchange.family
+        dead: list[Account] = []
+        out_of_quota: list[Account] = []
+        throttled: list[Account] = []
+        refused: list[Account] = []
+        for account in self.pool:
+            if account.error is not None:
+                dead.append(account)
+            elif self.pool.at_ceiling(account, now, family):
+                out_of_quota.append(account)
+            elif account.throttled_until is not None and account.throttled_until > now:
+                throttled.append(account)
+            else:
+                # Serviceable, yet this request already had its answer
+                # there (a 403 first, say): it says nothing about waiting.
+                refused.append(account)
+        waiting = out_of_quota + throttled
+        if not waiting and not refused:
+            return Decision(None, NO_CREDENTIALS, status=401, message=self._dead_message(dead))
+        backs = {account.name: self._back_at(account, now, family) for account in waiting}
+        reset = min((back for back in backs.values() if back is not None), default=None)
         if reset is None:
             retry_after = self.retry_after_cap
         else:
             # Rounded up: a client told to come back before the reset only
             # draws another 429.
             retry_after = math.ceil(min(max(reset - now, 1), self.retry_after_cap))
-        return Decision(None, EXHAUSTED, retry_after=retry_after, reset=reset)
+
+        def when(accounts: list[Account]) -> str:
+            return ", ".join(
+                f"{account.name} (back in {duration(back - now)})"
+                if (back := backs[account.name]) is not None
+                else f"{account.name} (reset time unknown)"
+                for account in accounts
+            )
+
+        parts = [f"NextClaude: no account can serve right now; retry in {retry_after} s."]
+        if out_of_quota:
+            parts.append(f"Out of quota: {when(out_of_quota)}.")
+        if throttled:
+            parts.append(f"Rate-limited: {when(throttled)}.")
+        if refused:
+            parts.append(f"Refused this request: {', '.join(account.name for account in refused)}.")
+        if dead:
+            parts.append("Dead credentials: " + " ".join(f"{_dead_entry(account)}." for account in dead))
+        return Decision(
+            None,
+            EXHAUSTED,
+            retry_after=retry_after,
+            reset=reset,
+            message=" ".join(parts),
+            out_of_quota=bool(out_of_quota),
+        )
+
+    @staticmethod
+    def _dead_message(dead: list[Account]) -> str:
+        if not dead:
+            return (
+                "NextClaude: no account can serve: no account is configured; "
+                "add one with `nextclaude login` or `nextclaude import`."
+            )
+        entries = " ".join(f"{_dead_entry(account)}." for account in dead)
+        return (
+            f"NextClaude: no account can serve: every account's credential is dead. {entries} "
+            "A running proxy picks up the fix within seconds."
+        )
 
     # -- what responses teach us ---------------------------------------------------
 
@@ -580,13 +720,12 @@ class Router:
                 exchange.retry_on = account.name
                 exchange.next_reason = RETRY_401
                 return Verdict(serve=False, refresh=True)
-            what = "API key" if account.kind == "apikey" else "OAuth token"
-            fix = (
-                "replace it in the config file"
-                if account.kind == "apikey"
-                else "run `nextclaude login` or `nextclaude import` again"
-            )
-            self._mark_error(account, f"the {what} was rejected (401); {fix}", now)
+            if account.error is None:
+                what = "API key" if account.kind == "apikey" else "OAuth token"
+                after = " even after a refresh" if exchange.refreshed else ""
+                self._mark_error(
+                    account, f"the {what} was rejected (401 authentication_error){after}; {credential_fix(account)}", now
+                )
             return self._elsewhere(exchange, account, RETRY_401, now)
         if status == 403:
             if exchange.forbidden_by is None and self._another_can_serve(exchange, account, now):
@@ -598,10 +737,21 @@ class Router:
         return SERVE
 
     def _served(self, exchange: Exchange, account: Account, status: int, now: float) -> None:
-        if exchange.forbidden_by is not None and status < 400:
+        pending, exchange.pending_move = exchange.pending_move, None
+        if status >= 400:
+            # Not served there, only relayed: the session stays put.
+            return
+        if pending is not None and pending[0] == account.name and exchange.session is not None:
+            self._move_session(exchange.session, account.name, pending[1], now)
+        if exchange.forbidden_by is not None:
             first = self.pool.get(exchange.forbidden_by)
             if first is not None:
-                self._mark_error(first, "the account was refused (403 permission_error) where another account succeeded", now)
+                self._mark_error(
+                    first,
+                    "the account was refused (403 permission_error) where another account succeeded: "
+                    f"check its plan and permissions; {credential_fix(first)}",
+                    now,
+                )
 
     def _another_can_serve(self, exchange: Exchange, account: Account, now: float) -> bool:
         return any(
@@ -615,20 +765,41 @@ class Router:
         return RETRY
 
     def _on_429(self, exchange: Exchange, account: Account, report: QuotaReport, now: float) -> Verdict:
-        if exchange.probe_queue is not None or report.is_rejected() or self.pool.at_ceiling(account, now):
+        """
+        A 429, by what it says (DESIGN.md point 10, L{classify_429}).
+        """
+        probing = exchange.probe_queue is not None
+        kind = classify_429(report, self.pool.at_ceiling(account, now, exchange.family))
+        if kind == QUOTA_OUT:
             self._exhaust(account, report, now)
             return self._elsewhere(exchange, account, QUOTA_429, now)
-        wait = report.retry_after if report.retry_after is not None else TRANSIENT_WAIT
-        if account.kind != "apikey" and exchange.transient_retries < TRANSIENT_RETRIES:
-            # A transient limit on the warm account: waiting a little is
-            # cheaper than rebuilding the conversation elsewhere.
-            exchange.transient_retries += 1
-            exchange.retry_on = account.name
-            exchange.next_reason = RETRY_TRANSIENT
-            return Verdict(serve=False, delay=min(wait, TRANSIENT_WAIT_CAP))
-        account.throttled_until = now + max(wait, 1.0)
+        # A probe only asks whether an account is back: it waits for nothing.
+        may_wait = not probing and exchange.retries_429 < SAME_ACCOUNT_429_RETRIES
+        if kind == ACCOUNT_THROTTLE:
+            wait = report.retry_after or 0.0
+            # An API key has no warm subscription cache worth waiting for.
+            if may_wait and account.kind != "apikey":
+                return self._again(exchange, account, RETRY_THROTTLE, min(wait, THROTTLE_WAIT_CAP))
+            self._throttle(account, now + max(wait, 1.0), now)
+            return self._elsewhere(exchange, account, RETRY_THROTTLE, now)
+        if may_wait:
+            return self._again(exchange, account, RETRY_TRANSIENT, TRANSIENT_WAIT)
+        # Request-scoped: every account would refuse this request alike, and
+        # the account itself is fine.  The client gets the upstream's answer
+        # as it is; nothing about the account or the session changes.
+        self._end_sweep(exchange)
+        return SERVE
+
+    def _again(self, exchange: Exchange, account: Account, reason: str, delay: float) -> Verdict:
+        exchange.retries_429 += 1
+        exchange.retry_on = account.name
+        exchange.next_reason = reason
+        return Verdict(serve=False, delay=delay)
+
+    def _throttle(self, account: Account, until: float, now: float) -> None:
+        if account.throttled_until is None or account.throttled_until < until:
+            account.throttled_until = until
         self._hub.emit(events.THROTTLED, now, account=account.name, until=account.throttled_until)
-        return self._elsewhere(exchange, account, RETRY_TRANSIENT, now)
 
     def on_unreachable(self, exchange: Exchange, account: Account) -> bool:
         """

@@ -14,7 +14,7 @@ accounts were tried and why.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hypothesis import given, settings
@@ -37,11 +37,13 @@ from nextclaude.router import (
     LANDED_EARLY,
     MANUAL,
     NAIVE,
+    NO_CREDENTIALS,
     PRIMARY,
     PROBE,
     QUOTA_429,
     RETRY_401,
     RETRY_403,
+    RETRY_THROTTLE,
     RETRY_TRANSIENT,
     TTL_EXPIRED,
     Decision,
@@ -1228,33 +1230,6 @@ class ErrorTests(RouterCase):
         self.assertEqual((outcome.route, outcome.status), ([("a", PRIMARY)], 403))
         self.assertEqual(self.status("a"), "active")
 
-    def test_transient_429_on_oauth_waits_and_retries_same(self) -> None:
-        """
-        A 429 without a quota verdict on a subscription account waits
-        min(retry-after or 2 s, 10 s) and retries the same account, at most
-        twice; then the account is throttled until its retry-after and the
-        request moves on.
-        """
-        cases = [
-            ({}, [2.0, 2.0], 2.0),
-            ({"retry-after": "5"}, [5.0, 5.0], 5.0),
-            ({"retry-after": "30"}, [10.0, 10.0], 30.0),
-            (headers(0.5, 0.3), [2.0, 2.0], 2.0),
-        ]
-        for extra, delays, throttle in cases:
-            self.build("a", "b")
-            quota = {**BARE_429, **extra}
-            outcome = self.serve(turn(X), {"a": [Reply(429, quota)] * 3})
-            self.assertEqual(
-                outcome.route,
-                [("a", PRIMARY), ("a", RETRY_TRANSIENT), ("a", RETRY_TRANSIENT), ("b", RETRY_TRANSIENT)],
-                extra,
-            )
-            self.assertEqual([v.delay for v in outcome.verdicts[:3]], delays + [0.0], extra)
-            now = self.clock.seconds()
-            self.assertEqual(self.emitted(events.THROTTLED), [{"account": "a", "until": now + throttle}], extra)
-            self.assertEqual(self.status("a"), "throttled", extra)
-
     def test_transient_429_recovers_on_retry(self) -> None:
         """
         One transient 429 then a 200 on the warm account: served there,
@@ -1265,18 +1240,6 @@ class ErrorTests(RouterCase):
         self.assertEqual(outcome.route, [("a", PRIMARY), ("a", RETRY_TRANSIENT)])
         self.assertEqual(self.clock.seconds(), NOW + 2)
         self.assertEqual(self.status("a"), "active")
-
-    def test_transient_429_on_api_key_moves_at_once(self) -> None:
-        """
-        On an API key a 429 throttles the key until its retry-after and the
-        request moves on at once.
-        """
-        self.build(("k1", "apikey"), ("k2", "apikey"))
-        outcome = self.serve(turn(X), {"k1": [Reply(429, API_KEY_429)]})
-        self.assertEqual(outcome.route, [("k1", PRIMARY), ("k2", RETRY_TRANSIENT)])
-        self.assertEqual(outcome.verdicts[0].delay, 0.0)
-        self.assertEqual(self.account("k1").throttled_until, NOW + 20)
-        self.assertEqual(self.status("k1"), "throttled")
 
     def test_5xx_and_529_are_served_and_counted(self) -> None:
         """
@@ -1305,6 +1268,400 @@ class ErrorTests(RouterCase):
         self.assertEqual((again.account.name, again.reason), ("a", "retry-connect"))
         self.assertFalse(self.router.on_unreachable(exchange, again.account))
         self.router.close(exchange)
+
+
+# -- 10. what a 429 says -------------------------------------------------------------------------
+
+# A 429's other headers besides the ones a case adds.
+JSON_429 = {"content-type": "application/json", "request-id": "req_011CRouter429"}
+
+
+class TooManyRequestsTests(RouterCase):
+    """
+    DESIGN.md point 10 (issue 10, item 7): a 429 is a quota verdict, an
+    account throttle or a limit on one request, by what it says, and each
+    is handled its own way.
+    """
+
+    def established(self, *names: str) -> None:
+        """Session X served once on a (warm), the other accounts idle."""
+        self.build(*names)
+        self.assertEqual(self.where(turn(X)), ("a", PRIMARY))
+        self.events.clear()
+
+    def test_quota_verdicts_exhaust_and_move_at_once(self) -> None:
+        """
+        A rejected status (aggregate or per-window, with or without a
+        retry-after) or an account at the ceiling exhausts the account at
+        once: no wait, the request is served on the next account with
+        quota-429 and the session stays there.
+        """
+        cases = {
+            "rejected aggregate and 5h": spent(),
+            "per-window only": {**JSON_429, U + "5h-status": "rejected", U + "5h-utilization": "1.0"},
+            "7d rejected": headers(0.3, 1.0, status="rejected", seven_status="rejected"),
+            "rejected with retry-after": {**spent(), "retry-after": "60"},
+            "at the ceiling, allowed": headers(0.996, 0.4),
+            "at the ceiling with retry-after": {**headers(1.0, 0.4, five_status="allowed_warning"), "retry-after": "30"},
+        }
+        for label, quota in cases.items():
+            self.established("a", "b", "c")
+            outcome = self.serve(turn(X), {"a": [Reply(429, quota, None)]})
+            self.assertEqual(outcome.route, [("a", AFFINITY), ("b", QUOTA_429)], label)
+            self.assertEqual(outcome.verdicts[0], Verdict(serve=False), label)
+            self.assertEqual(outcome.status, 200, label)
+            self.assertEqual(self.status("a"), "exhausted", label)
+            self.assertEqual([e["account"] for e in self.emitted(events.EXHAUSTED)], ["a"], label)
+            self.assertEqual(self.emitted(events.THROTTLED), [], label)
+            self.assertEqual(self.where(turn(X)), ("b", AFFINITY), label)
+
+    def test_account_throttle_waits_twice_then_a_sibling_serves(self) -> None:
+        """
+        A retry-after without a rejection (the per-minute limit among them)
+        waits min(retry-after, 10 s) and retries the warm account twice;
+        then the account is throttled until the last retry-after and an
+        idle sibling serves the request, where the session then stays.
+        """
+        # (extra headers of a's three 429s, expected waits, throttle seconds)
+        cases = [
+            ({"retry-after": "5"}, [5.0, 5.0], 5.0),
+            ({"retry-after": "30"}, [10.0, 10.0], 30.0),
+            ({**headers(0.3, 0.2), "retry-after": "60"}, [10.0, 10.0], 60.0),
+            ({**headers(0.97, 0.9, five_status="allowed_warning"), "retry-after": "12"}, [10.0, 10.0], 12.0),
+            ({"retry-after": "0"}, [0.0, 0.0], 1.0),
+        ]
+        for extra, waits, throttle in cases:
+            self.established("a", "b", "c")
+            outcome = self.serve(turn(X), {"a": [Reply(429, {**JSON_429, **extra}, None)] * 3})
+            self.assertEqual(
+                outcome.route,
+                [("a", AFFINITY), ("a", RETRY_THROTTLE), ("a", RETRY_THROTTLE), ("b", RETRY_THROTTLE)],
+                extra,
+            )
+            self.assertEqual([v.delay for v in outcome.verdicts], waits + [0.0, 0.0], extra)
+            self.assertEqual(outcome.status, 200, extra)
+            now = self.clock.seconds()
+            self.assertEqual(now, NOW + sum(waits), extra)
+            self.assertEqual(self.emitted(events.THROTTLED), [{"account": "a", "until": now + throttle}], extra)
+            self.assertEqual(self.emitted(events.EXHAUSTED), [], extra)
+            self.assertEqual([self.status(n) for n in "abc"], ["throttled", "active", "active"], extra)
+            self.assertEqual(
+                self.emitted(events.SWITCHED),
+                [{"account": "b", "previous": "a", "reason": RETRY_THROTTLE, "session": "s:" + X}],
+                extra,
+            )
+            self.assertEqual(self.where(turn(X)), ("b", AFFINITY), extra)
+
+    def test_throttled_session_moves_only_if_served_there(self) -> None:
+        """
+        After a's throttle waits, the sibling's answer decides: a limit on
+        the request (relayed at once: the waits are spent), an overload, or
+        a quota 429 that leaves nothing to serve (the synthetic 429, back at
+        a's throttle end) leave the session on a, which it goes back to once
+        the throttle ends.
+        """
+        throttle = {**JSON_429, "retry-after": "60"}
+        cases = {
+            "request-scoped 429": (Reply(429, BARE_429, None), 429, [("a", RETRY_THROTTLE), ("b", RETRY_THROTTLE)]),
+            "529": (Reply(529, {}, None), 529, [("a", RETRY_THROTTLE), ("b", RETRY_THROTTLE)]),
+            "quota 429": (Reply(429, spent(), None), 429, [("a", RETRY_THROTTLE), ("b", RETRY_THROTTLE), (None, EXHAUSTED)]),
+        }
+        for label, (sibling, status, tail) in cases.items():
+            self.established("a", "b")
+            outcome = self.serve(turn(X), {"a": [Reply(429, throttle, None)] * 3, "b": [sibling]})
+            self.assertEqual(outcome.route[2:], tail, label)
+            self.assertEqual(outcome.status, status, label)
+            self.assertEqual(self.emitted(events.SWITCHED), [], label)
+            self.assertEqual(self.session_account(X), "a", label)
+            if outcome.account is None:
+                self.assertEqual((outcome.last.retry_after, outcome.last.reset), (55, self.clock.seconds() + 60), label)
+            self.clock.advance(60)
+            self.router.expire()
+            self.assertEqual(self.where(turn(X)), ("a", AFFINITY), label)
+
+    def test_request_scoped_429_is_relayed_untouched(self) -> None:
+        """
+        A 429 with neither retry-after nor a rejection is about the request:
+        the same account is retried twice (2 s apart), then that 429 is
+        served as it is, on the account that gave it.  No account is
+        throttled, exhausted, moved from or blamed, no synthetic 429 is
+        made, and the session's next request goes to the same account (the
+        peer's report: a, a, a, and never b, c).
+        """
+        cases = {
+            "bare, x-should-retry": BARE_429,
+            "no headers at all": {},
+            "rate_limit_error body only": JSON_429,
+            "unified allowed, no retry-after": headers(0.5, 0.3),
+            "allowed_warning, no retry-after": headers(0.92, 0.5),
+        }
+        for label, quota in cases.items():
+            self.established("a", "b", "c")
+            outcome = self.serve(turn(X), {"a": [Reply(429, quota, None)] * 3})
+            self.assertEqual(
+                outcome.route, [("a", AFFINITY), ("a", RETRY_TRANSIENT), ("a", RETRY_TRANSIENT)], label
+            )
+            self.assertEqual(outcome.verdicts, [Verdict(serve=False, delay=2.0)] * 2 + [Verdict(serve=True)], label)
+            self.assertEqual((outcome.account, outcome.status), ("a", 429), label)
+            for kind in (events.THROTTLED, events.EXHAUSTED, events.SWITCHED, events.ACCOUNT_ERROR):
+                self.assertEqual(self.emitted(kind), [], (label, kind))
+            self.assertEqual([self.status(n) for n in "abc"], ["active"] * 3, label)
+            self.assertEqual((self.account("a").throttled_until, self.account("a").exhausted_until), (None, None), label)
+            self.assertEqual(self.where(turn(X)), ("a", AFFINITY), label)
+            self.assertEqual(self.where(turn(NEW)), ("a", PRIMARY), label)
+
+    def test_request_scoped_429_on_api_keys(self) -> None:
+        """
+        On an API key too, a 429 without retry-after is the request's: two
+        retries on the same key, then relayed, the key untouched.
+        """
+        for quota in (BARE_429, {k: v for k, v in API_KEY_429.items() if k != "retry-after"}):
+            self.build(("k1", "apikey"), ("k2", "apikey"))
+            outcome = self.serve(turn(X), {"k1": [Reply(429, quota, None)] * 3})
+            self.assertEqual([name for name, _ in outcome.route], ["k1"] * 3)
+            self.assertEqual((outcome.account, outcome.status), ("k1", 429))
+            self.assertEqual(self.status("k1"), "active")
+
+    def test_throttle_on_api_key_moves_at_once(self) -> None:
+        """
+        On an API key a retry-after 429 throttles the key until then and
+        the request moves on at once, without waiting.
+        """
+        for quota, seconds in ((API_KEY_429, 20.0), ({**JSON_429, "retry-after": "3"}, 3.0)):
+            self.build(("k1", "apikey"), ("k2", "apikey"))
+            outcome = self.serve(turn(X), {"k1": [Reply(429, quota, None)]})
+            self.assertEqual(outcome.route, [("k1", PRIMARY), ("k2", RETRY_THROTTLE)])
+            self.assertEqual(outcome.verdicts[0].delay, 0.0)
+            self.assertEqual(self.account("k1").throttled_until, NOW + seconds)
+            self.assertEqual(self.status("k1"), "throttled")
+
+    def test_every_account_throttled_gives_429_to_the_throttle_end(self) -> None:
+        """
+        When the warm account's waits are spent and the sibling is throttled
+        too, nothing can serve for now: the synthetic 429 says to come back
+        when the first throttle ends and, as nothing is out of quota, does
+        not claim a usage limit.
+        """
+        self.established("a", "b")
+        throttle = {**headers(0.3, 0.2), "retry-after": "30"}
+        outcome = self.serve(turn(X), {"a": [Reply(429, throttle, None)] * 3, "b": [Reply(429, throttle, None)]})
+        self.assertEqual([name for name, _ in outcome.route], ["a", "a", "a", "b", None])
+        decision = outcome.last
+        self.assertEqual((decision.status, decision.reason, decision.retry_after), (429, EXHAUSTED, 30))
+        self.assertFalse(decision.out_of_quota)
+        self.assertEqual(
+            decision.message,
+            "NextClaude: no account can serve right now; retry in 30 s. Rate-limited: a (back in 30s), b (back in 30s).",
+        )
+        self.assertEqual(self.session_account(X), "a")
+
+    def test_probe_classifies_429s_too(self) -> None:
+        """
+        A probe waits for nothing.  A throttled candidate answering with a
+        retry-after is throttled again and the sweep moves on; a candidate
+        still known out of quota answering a bare 429 is not back; the
+        synthetic 429 then names both.  A throttled candidate answering a
+        limit on the request has that answer relayed, its state untouched.
+        """
+        self.build("a", "b")
+        self.learn("a", spent(five_reset=NOW + HOUR))
+        self.account("b").throttled_until = NOW + 5
+        script = {"b": [Reply(429, {**JSON_429, "retry-after": "40"}, None)], "a": [Reply(429, BARE_429, None)]}
+        outcome = self.serve(turn(X), script)
+        self.assertEqual(outcome.route, [("b", PROBE), ("a", PROBE), (None, EXHAUSTED)])
+        self.assertEqual([v.delay for v in outcome.verdicts], [0.0, 0.0])
+        self.assertEqual(self.account("b").throttled_until, NOW + 40)
+        self.assertEqual(
+            outcome.last.message,
+            "NextClaude: no account can serve right now; retry in 40 s. "
+            "Out of quota: a (back in 1h). Rate-limited: b (back in 40s).",
+        )
+
+        self.build("b")
+        self.account("b").throttled_until = NOW + 5
+        outcome = self.serve(turn(X), {"b": [Reply(429, BARE_429, None)]})
+        self.assertEqual(outcome.route, [("b", PROBE)])
+        self.assertEqual((outcome.account, outcome.status), ("b", 429))
+        self.assertEqual(self.account("b").throttled_until, NOW + 5)
+        self.assertEqual(self.emitted(events.RECOVERED), [])
+
+
+# -- 10. nothing can serve: dead credentials -------------------------------------------------------
+
+INVALID_GRANT = (
+    "the OAuth grant is no longer valid (the token endpoint refused the grant "
+    "(invalid_grant: Refresh token not found or invalid)); run `nextclaude login` (or `nextclaude import`) again"
+)
+INVALID_GRANT_IMPORTED = (
+    "the OAuth grant is no longer valid (the token endpoint refused the grant (invalid_grant)); "
+    "log in to Claude Code and run `nextclaude import` again, or run `nextclaude login` to give the proxy a grant of its own"
+)
+
+
+class NothingCanServeTests(RouterCase):
+    """
+    DESIGN.md point 10 (issue 10, item 6): when nothing can serve, the
+    client is told the truth: dead credentials are a 401 naming each
+    account's cause and fix, never a quota 429 to wait out.
+    """
+
+    def test_single_dead_api_key_is_401(self) -> None:
+        """
+        One API key the upstream rejects with 401: the request ends with a
+        401 decision (no-credentials) whose message names the key, the
+        cause and the fix; no retry-after, no reset, no probe.
+        """
+        self.build(("work-key", "apikey"))
+        outcome = self.serve(turn(X), {"work-key": [Reply(401, {}, None)]})
+        self.assertEqual(outcome.route, [("work-key", PRIMARY), (None, NO_CREDENTIALS)])
+        decision = outcome.last
+        self.assertEqual((decision.status, decision.retry_after, decision.reset), (401, None, None))
+        self.assertEqual(
+            decision.message,
+            "NextClaude: no account can serve: every account's credential is dead. "
+            "work-key (API key): the API key was rejected (401 authentication_error); "
+            "fix: put a working key in work-key's apiKey in the NextClaude config file. "
+            "A running proxy picks up the fix within seconds.",
+        )
+        self.assertEqual(self.emitted(events.PROBE), [])
+        self.assertEqual(self.serve(turn(X)).route, [(None, NO_CREDENTIALS)])
+
+    def test_every_kind_of_dead_credential_is_401(self) -> None:
+        """
+        API keys rejected with 401, OAuth grants refused (invalid_grant, set
+        by the accounts layer; for an imported account too), an OAuth token
+        rejected after a refresh and an account refused with 403 where
+        another succeeded: all dead means a 401 that names every account
+        with its own cause and fix.
+        """
+        self.build("alice", "bob", "carol", ("dave", "oauth", 1), ("erin", "apikey"))
+        alice, bob = self.account("alice"), self.account("bob")
+        alice.error = INVALID_GRANT
+        bob.config = replace(bob.config, import_from="~/.claude/.credentials.json")
+        bob.error = INVALID_GRANT_IMPORTED
+        self.router.can_refresh = lambda account: account.name == "carol"
+        self.serve(turn(X), {"carol": [Reply(401, {}, None), Reply(401, {}, None)], "dave": [Reply(403, {}, None)]})
+        outcome = self.serve(turn(Y), {"dave": [Reply(401, {}, None)], "erin": [Reply(401, {}, None)]})
+        self.assertEqual(outcome.route[-1], (None, NO_CREDENTIALS))
+        self.assertEqual(outcome.last.status, 401)
+        self.assertEqual(
+            outcome.last.message,
+            "NextClaude: no account can serve: every account's credential is dead. "
+            "alice (subscription): the OAuth grant is no longer valid (the token endpoint refused the grant "
+            "(invalid_grant: Refresh token not found or invalid)); fix: run `nextclaude login --name alice`. "
+            "bob (subscription): the OAuth grant is no longer valid (the token endpoint refused the grant "
+            "(invalid_grant)); fix: log in to Claude Code again and run `nextclaude import --name bob`, "
+            "or run `nextclaude login --name bob`. "
+            "carol (subscription): the OAuth token was rejected (401 authentication_error) even after a refresh; "
+            "fix: run `nextclaude login --name carol`. "
+            "dave (subscription): the account was refused (403 permission_error) where another account "
+            "succeeded: check its plan and permissions; fix: run `nextclaude login --name dave`. "
+            "erin (API key): the API key was rejected (401 authentication_error); "
+            "fix: put a working key in erin's apiKey in the NextClaude config file. "
+            "A running proxy picks up the fix within seconds.",
+        )
+
+    def test_out_of_quota_and_dead_is_the_quota_429_naming_the_dead(self) -> None:
+        """
+        Some accounts out of quota, the rest dead: the quota 429, its
+        retry-after from the soonest reset (capped), marked out of quota,
+        and its message naming the dead accounts with their fixes.
+        """
+        cases = [
+            # (reset of a's 5h window, cap, retry-after, "back in")
+            (NOW + HOUR, 55, 55, "1h"),
+            (NOW + 42, 55, 42, "42s"),
+            (NOW + 3 * HOUR + 600, 30, 30, "3h10m"),
+        ]
+        for reset, cap, retry_after, back in cases:
+            self.build("a", ("work-key", "apikey"), retry_after_cap=cap)
+            self.learn("a", spent(five_reset=reset))
+            outcome = self.serve(turn(X), {"work-key": [Reply(401, {}, None)], "a": [Reply(429, spent(five_reset=reset), None)]})
+            self.assertEqual(outcome.route, [("work-key", PRIMARY), ("a", PROBE), (None, EXHAUSTED)])
+            decision = outcome.last
+            self.assertEqual(
+                (decision.status, decision.retry_after, decision.reset, decision.out_of_quota),
+                (429, retry_after, reset, True),
+            )
+            self.assertEqual(
+                decision.message,
+                f"NextClaude: no account can serve right now; retry in {retry_after} s. "
+                f"Out of quota: a (back in {back}). "
+                "Dead credentials: work-key (API key): the API key was rejected (401 authentication_error); "
+                "fix: put a working key in work-key's apiKey in the NextClaude config file.",
+            )
+
+    def test_throttled_and_dead_is_a_429_to_the_throttle_end(self) -> None:
+        """
+        A throttled account counts as out for now: with the rest dead the
+        client gets a 429 whose retry-after is the throttle's end, not a
+        usage-limit claim, and the dead account is named.
+        """
+        self.build("a", "b")
+        self.account("b").error = INVALID_GRANT
+        self.account("a").throttled_until = NOW + 40
+        self.router._last_sweep = NOW  # a sweep just ran: no probe now
+        outcome = self.serve(turn(X))
+        decision = outcome.last
+        self.assertEqual(outcome.route, [(None, EXHAUSTED)])
+        self.assertEqual((decision.status, decision.retry_after, decision.out_of_quota), (429, 40, False))
+        self.assertEqual(
+            decision.message,
+            "NextClaude: no account can serve right now; retry in 40 s. Rate-limited: a (back in 40s). "
+            "Dead credentials: b (subscription): the OAuth grant is no longer valid (the token endpoint refused "
+            "the grant (invalid_grant: Refresh token not found or invalid)); fix: run `nextclaude login --name b`.",
+        )
+
+    def test_all_out_of_quota_names_each_back_time(self) -> None:
+        """
+        Every account out of quota and none dead: the quota 429 as before,
+        its message naming when each account is back (weekly-out accounts
+        at their weekly reset).
+        """
+        self.build("a", "b")
+        self.learn("a", spent(five_reset=NOW + HOUR))
+        self.learn("b", headers(0.3, 1.0, status="rejected", seven_status="rejected", seven_reset=NOW + 2 * 86400))
+        self.router._last_sweep = NOW
+        decision = self.serve(turn(X)).last
+        self.assertEqual((decision.status, decision.retry_after, decision.out_of_quota), (429, 55, True))
+        self.assertEqual(
+            decision.message,
+            "NextClaude: no account can serve right now; retry in 55 s. Out of quota: a (back in 1h), b (back in 2d).",
+        )
+
+    def test_refresh_that_finds_the_grant_dead_moves_on(self) -> None:
+        """
+        A 401 asks for a refresh; when the refresh finds the grant dead
+        (the accounts layer sets the error), the retry skips the dead
+        account instead of drawing a second 401, and its invalid_grant
+        cause is kept for the client's message.
+        """
+        for names, expected in ((("a", "b"), ("b", RETRY_401)), (("a",), (None, NO_CREDENTIALS))):
+            self.build(*names)
+            self.router.can_refresh = lambda account: True
+            exchange = self.router.open(turn(X))
+            first = self.router.route(exchange)
+            verdict = self.router.on_response(exchange, first.account, 401, parse_rate_limit_headers({}))
+            self.assertEqual(verdict, Verdict(serve=False, refresh=True))
+            first.account.error = INVALID_GRANT
+            second = self.router.route(exchange)
+            self.router.close(exchange)
+            self.assertEqual((second.account.name if second.account else None, second.reason), expected)
+            self.assertEqual(self.account("a").error, INVALID_GRANT)
+            if second.account is None:
+                self.assertIn("invalid_grant", second.message)
+                self.assertIn("`nextclaude login --name a`", second.message)
+
+    def test_no_account_configured(self) -> None:
+        """With no account at all the client is told to add one."""
+        self.build()
+        decision = self.serve(turn(X)).last
+        self.assertEqual((decision.status, decision.reason), (401, NO_CREDENTIALS))
+        self.assertEqual(
+            decision.message,
+            "NextClaude: no account can serve: no account is configured; "
+            "add one with `nextclaude login` or `nextclaude import`.",
+        )
 
 
 # Upstream answers a property test draws from.
@@ -1362,12 +1719,17 @@ class AttemptPropertyTests(RouterCase):
                 self.assertNotIn(name, runs, outcome.route)
                 runs.append(name)
         for name in "abc":
-            # The first try, one refresh retry, two transient retries.
+            # The first try, one refresh retry, two same-account 429 retries.
             self.assertLessEqual(names.count(name), 4, outcome.route)
-        if outcome.account is None:
+        if outcome.account is None and outcome.reason == NO_CREDENTIALS:
+            # A 401 only when waiting cannot help: every credential is dead.
+            self.assertEqual(outcome.last.status, 401)
+            self.assertTrue(all(self.account(name).error for name in "abc"), outcome.route)
+        elif outcome.account is None:
             self.assertEqual(outcome.reason, EXHAUSTED)
             self.assertGreaterEqual(outcome.last.retry_after, 1)
             self.assertLessEqual(outcome.last.retry_after, 55)
+            self.assertFalse(all(self.account(name).error for name in "abc"), outcome.route)
         else:
             self.assertIsNotNone(outcome.status)
 

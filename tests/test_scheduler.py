@@ -23,7 +23,16 @@ from nextclaude import events
 from nextclaude.events import Event, EventHub
 from nextclaude.pool import Account, AccountPool, Thresholds
 from nextclaude.quota import parse_rate_limit_headers
-from nextclaude.router import PRIMARY, PROBE, RETRY_401, RETRY_CONNECT, RETRY_TRANSIENT, Decision, Router
+from nextclaude.router import (
+    PRIMARY,
+    PROBE,
+    RETRY_401,
+    RETRY_CONNECT,
+    RETRY_THROTTLE,
+    RETRY_TRANSIENT,
+    Decision,
+    Router,
+)
 from nextclaude.scheduler import PROBE_HEADER_TIMEOUT, Dispatched, Scheduler
 from nextclaude.upstream import UpstreamUnavailable
 from tests.test_pool import HOUR, NOW, SEVEN_DAY_RESET, config
@@ -131,33 +140,73 @@ class DispatchTests(SchedulerCase):
         self.assertEqual(outcome.decision.account.name, "a")
         self.assertEqual(upstream.calls, [("a", PRIMARY, None)])
 
-    def test_transient_429_waits_on_the_clock(self) -> None:
+    def test_throttle_429_waits_on_the_clock(self) -> None:
         """
-        A transient 429 is discarded and retried on the same account only
-        after the verdict's delay has passed on the clock (2 s without
-        retry-after, retry-after when it says so); after two such retries the
-        account is throttled and the request goes on to the next at once.
+        A 429 with a retry-after and no rejection is discarded and retried
+        on the same account only after min(retry-after, 10 s) has passed on
+        the clock; after two such retries the account is throttled and the
+        request goes on to the next account at once.
         """
         self.build("a", "b")
-        upstream = Upstream(
-            {"a": [response(429, BARE_429), response(429, {**BARE_429, "retry-after": "5"}), response(429, BARE_429)]}
-        )
+        throttle = [response(429, {"retry-after": "5"})] + [response(429, {"retry-after": "30"})] * 2
+        upstream = Upstream({"a": throttle})
         outcome = self.dispatch(upstream)
         self.assertNoResult(outcome)
         self.assertEqual(len(upstream.calls), 1)
-        self.clock.advance(1.9)
+        self.clock.advance(4.9)
         self.assertEqual(len(upstream.calls), 1)
         self.clock.advance(0.1)
-        self.assertEqual(upstream.calls[1], ("a", RETRY_TRANSIENT, None))
-        self.clock.advance(4.9)
+        self.assertEqual(upstream.calls[1], ("a", RETRY_THROTTLE, None))
+        self.clock.advance(9.9)
         self.assertEqual(len(upstream.calls), 2)
         self.clock.advance(0.1)
-        self.assertEqual(
-            upstream.calls[2:], [("a", RETRY_TRANSIENT, None), ("b", RETRY_TRANSIENT, None)]
-        )
+        self.assertEqual(upstream.calls[2:], [("a", RETRY_THROTTLE, None), ("b", RETRY_THROTTLE, None)])
         result = self.successResultOf(outcome)
         self.assertEqual((result.decision.account.name, result.response.code), ("b", 200))
         self.assertEqual([r.code for r in upstream.discarded], [429, 429, 429])
+        self.assertEqual(self.emitted(events.THROTTLED), [{"account": "a", "until": NOW + 15 + 30}])
+
+    def test_request_scoped_429_is_relayed_after_two_retries(self) -> None:
+        """
+        A 429 with neither retry-after nor a rejection is retried on the
+        same account 2 s apart, twice; the third is relayed (not discarded)
+        and no other account is asked.
+        """
+        self.build("a", "b")
+        upstream = Upstream({"a": [response(429, BARE_429)] * 3})
+        outcome = self.dispatch(upstream)
+        self.clock.advance(2)
+        self.assertEqual(len(upstream.calls), 2)
+        self.clock.advance(2)
+        result = self.successResultOf(outcome)
+        self.assertEqual(upstream.calls, [("a", PRIMARY, None), ("a", RETRY_TRANSIENT, None), ("a", RETRY_TRANSIENT, None)])
+        self.assertEqual((result.decision.account.name, result.response.code), ("a", 429))
+        self.assertEqual(len(upstream.discarded), 2)
+        self.assertEqual(self.router.status_of(self.account("a")).value, "active")
+
+    def test_refresh_finding_the_grant_dead_moves_on(self) -> None:
+        """
+        When the refresh after a 401 finds the grant dead (the accounts
+        layer sets the account's error), the dead account is not asked
+        again: the next account serves, or, with none left, the dispatch
+        ends with the 401 decision naming the fix.
+        """
+        for names, served_by in ((("a", "b"), "b"), (("a",), None)):
+            self.build(*names)
+            self.router.can_refresh = lambda account: True
+
+            async def refresh(account: Account) -> None:
+                account.error = "the OAuth grant is no longer valid (invalid_grant); run `nextclaude login` again"
+
+            self.scheduler._refresh = refresh
+            upstream = Upstream({"a": [response(401)]})
+            result = self.successResultOf(self.dispatch(upstream))
+            self.assertEqual([call[0] for call in upstream.calls], ["a"] + ([served_by] if served_by else []))
+            if served_by is None:
+                self.assertEqual(result.decision.status, 401)
+                self.assertIn("`nextclaude login --name a`", result.decision.message)
+            else:
+                self.assertEqual(result.decision.account.name, served_by)
 
     def test_client_gone_during_wait(self) -> None:
         """
