@@ -68,6 +68,7 @@ def _server(args: argparse.Namespace) -> int:
     host, bound = service.address()
     print(f"NextClaude {__version__} listening on http://{host}:{bound} with {len(config.accounts)} account(s)", flush=True)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", exit_watchdog, service.stop_bound() + 1.0)
     # The reactor installs its own handlers when it starts: ours must come
     # after them, or they would be replaced.
     reactor.callWhenRunning(_install_stop_signals, reactor, service)
@@ -75,6 +76,35 @@ def _server(args: argparse.Namespace) -> int:
         reactor.callWhenRunning(_attach_console, reactor, service, log_router)
     reactor.run()
     return 0
+
+
+def exit_watchdog(
+    seconds: float,
+    start: "Callable[[float, Callable[[], None]], Any] | None" = None,
+    exit: "Callable[[int], Any] | None" = None,
+) -> None:
+    """
+    Last resort for a stop: if the process still runs C{seconds} from now,
+    say so in one line and exit with status 1.  The proxy's own stop gives
+    up on hung services before that; this covers what the reactor itself
+    waits for at shutdown (it joins its thread pool, where a DNS lookup can
+    hang) or code that blocks the reactor.  A daemon thread, so a process
+    that exits in time is not held back by it.
+    """
+    import os
+    import threading
+
+    def expire() -> None:
+        sys.stderr.write(f"nextclaude: stopping took longer than {seconds:g}s; exiting now\n")
+        sys.stderr.flush()
+        (exit or os._exit)(1)
+
+    if start is not None:
+        start(seconds, expire)
+        return
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _attach_console(reactor: "Any", service: "Any", log_router: "Any") -> None:

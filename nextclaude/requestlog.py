@@ -13,16 +13,18 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from nextclaude import events
 from nextclaude.config import mask_secret
 from nextclaude.events import Event, EventHub
 from nextclaude.paths import ensure_private_dir
+from nextclaude.problems import REQUEST_LOG, Problems
 
 # Headers that carry a credential: their values are masked, always.
 SECRET_HEADERS = frozenset(
@@ -54,10 +56,27 @@ def masked_headers(pairs: list[tuple[bytes, list[bytes]]], secrets: tuple[str, .
     return shown
 
 
+class Writer(Protocol):
+    """
+    The writer thread's file side.  Any method may raise OSError (a full
+    disk, say); the thread reports it and carries on.
+    """
+
+    def line(self, day: str, text: bytes) -> None: ...
+
+    def body(self, path: Path, data: bytes) -> None: ...
+
+    def end_body(self, path: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class _Writer:
     """
     The writer thread's side: appends to files it keeps open, each created
     0600; the request log rolls to a new numbered file past C{max_bytes}.
+    A file that fails a write is dropped, so a later write opens it afresh
+    (the disk may have room again by then).
     """
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
@@ -75,6 +94,14 @@ class _Writer:
             handle = self._files[path] = os.fdopen(descriptor, "ab")
         return handle
 
+    def _drop(self, path: Path) -> None:
+        handle = self._files.pop(path, None)
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass  # its unwritten bytes are lost either way; the descriptor is closed
+
     def _log_path(self, day: str) -> Path:
         if day != self._day:
             self._day, self._part = day, 0
@@ -88,18 +115,25 @@ class _Writer:
                 return path
             if size < self._max_bytes:
                 return path
-            handle = self._files.pop(path, None)
-            if handle is not None:
-                handle.close()
+            self._drop(path)
             self._part += 1
 
     def line(self, day: str, text: bytes) -> None:
-        handle = self._open(self._log_path(day))
-        handle.write(text)
-        handle.flush()
+        path = self._log_path(day)
+        try:
+            handle = self._open(path)
+            handle.write(text)
+            handle.flush()
+        except OSError:
+            self._drop(path)
+            raise
 
     def body(self, path: Path, data: bytes) -> None:
-        self._open(path).write(data)
+        try:
+            self._open(path).write(data)
+        except OSError:
+            self._drop(path)
+            raise
 
     def end_body(self, path: Path) -> None:
         handle = self._files.pop(path, None)
@@ -107,9 +141,23 @@ class _Writer:
             handle.close()
 
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        """
+        Close every file, even when one fails to (its buffer could not be
+        flushed); the first failure is raised after all are closed.
+        """
+        files, self._files = self._files, {}
+        failure: OSError | None = None
+        for handle in files.values():
+            try:
+                handle.close()
+            except OSError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
+
+
+# What each queued operation is: the request log proper, or kept bodies.
+_KIND = {"line": "lines", "body": "bodies", "end_body": "bodies"}
 
 
 class RequestLog(Service):
@@ -130,6 +178,8 @@ class RequestLog(Service):
         keep_bodies: bool = False,
         max_bytes: int = DEFAULT_MAX_BYTES,
         wall_clock: Callable[[], float] = time.time,
+        problems: Problems | None = None,
+        make_writer: Callable[[Path, int], Writer] = _Writer,
     ) -> None:
         self._reactor = reactor
         self.directory = directory
@@ -137,10 +187,15 @@ class RequestLog(Service):
         self._hub = hub
         self._max_bytes = max_bytes
         self._wall_clock = wall_clock
+        self._problems = problems
+        self._make_writer = make_writer
         self._pending: dict[int, dict[str, Any]] = {}
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
+        # Set (in the reactor thread) once the writer thread has ended, for
+        # whatever reason: a stop after that has nothing to wait for.
+        self._writer_done = False
         self._unsubscribe: Callable[[], None] | None = None
         # Request ids restart with the proxy: the start time keeps body files
         # of two runs apart.
@@ -150,6 +205,7 @@ class RequestLog(Service):
 
     def startService(self) -> None:
         ensure_private_dir(self.directory)
+        self._writer_done = False
         self._thread = threading.Thread(target=self._run, name="nextclaude-requestlog", daemon=True)
         self._thread.start()
         self._unsubscribe = self._hub.subscribe(self._on_event)
@@ -161,30 +217,79 @@ class RequestLog(Service):
             self._unsubscribe()
             self._unsubscribe = None
         thread, self._thread = self._thread, None
-        if thread is None:
+        if thread is None or self._writer_done:
             return None
-        # The writer drains the queue, then says so from its own thread.
+        # The writer drains the queue, then says so from its own thread,
+        # whatever happened to its files.
         self._stopped = Deferred()
         self._queue.put(_STOP)
         return self._stopped
 
     def _run(self) -> None:
-        writer = _Writer(self.directory, self._max_bytes)
+        # Kinds of writes ("lines", "bodies") whose last attempt failed: the
+        # problem stands until each works again, so it does not flap when
+        # bodies fail and lines do not.
+        failing: set[str] = set()
+
+        def outcome(kind: str, error: OSError | None) -> None:
+            was_failing = bool(failing)
+            if error is not None:
+                failing.add(kind)
+                if not was_failing:
+                    self._reactor.callFromThread(self._write_failed, error)
+            elif kind in failing:
+                failing.discard(kind)
+                if not failing:
+                    self._reactor.callFromThread(self._write_recovered)
+
         try:
+            writer = self._make_writer(self.directory, self._max_bytes)
             while True:
                 item = self._queue.get()
                 if item is _STOP:
-                    return
+                    break
                 operation, *arguments = item
                 try:
-                    operation(writer, *arguments)
+                    getattr(writer, operation)(*arguments)
                 except OSError as error:
                     # Losing a log line must never take the proxy down.
-                    self._log.warn("request log write failed: {error}", error=error)
+                    outcome(_KIND[operation], error)
+                except Exception:
+                    # A bug must not end the thread either: the queue would
+                    # grow for ever and a stop would wait for ever.
+                    self._reactor.callFromThread(self._log.failure, "the request log writer failed", Failure())
+                else:
+                    outcome(_KIND[operation], None)
+            try:
+                writer.close()
+            except OSError as error:
+                outcome("lines", error)
+        except Exception:
+            self._reactor.callFromThread(self._log.failure, "the request log writer stopped", Failure())
         finally:
-            writer.close()
-            if self._stopped is not None:
-                self._reactor.callFromThread(self._stopped.callback, None)
+            # Always, or the proxy's stop (and the process) would hang.
+            self._reactor.callFromThread(self._writer_ended)
+
+    def _writer_ended(self) -> None:
+        self._writer_done = True
+        if self._stopped is not None and not self._stopped.called:
+            self._stopped.callback(None)
+
+    def _write_failed(self, error: OSError) -> None:
+        # Once per failing spell, not per request: a full disk would
+        # otherwise add a line to the proxy's log for every request.
+        message = (
+            f"the request log in {self.directory} cannot be written ({error.strerror or error}); "
+            "requests are served but not logged"
+        )
+        self._log.error("{problem}", problem=message)
+        if self._problems is not None:
+            self._problems.raise_problem(None, REQUEST_LOG, message)
+
+    def _write_recovered(self) -> None:
+        self._log.info("the request log in {directory} is written again", directory=str(self.directory))
+        if self._problems is not None:
+            self._problems.clear(None, REQUEST_LOG)
 
     # -- the event stream ----------------------------------------------------------
 
@@ -219,7 +324,7 @@ class RequestLog(Service):
             )
             day = time.strftime("%Y-%m-%d", time.localtime(entry["time"]))
             line = json.dumps(entry, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
-            self._queue.put((_Writer.line, day, line))
+            self._queue.put(("line", day, line))
 
     # -- bodies ------------------------------------------------------------------
 
@@ -228,11 +333,11 @@ class RequestLog(Service):
 
     def request_body(self, request_id: int, body: bytes) -> None:
         path = self._body_path(request_id, "request")
-        self._queue.put((_Writer.body, path, body))
-        self._queue.put((_Writer.end_body, path))
+        self._queue.put(("body", path, body))
+        self._queue.put(("end_body", path))
 
     def response_chunk(self, request_id: int, data: bytes) -> None:
-        self._queue.put((_Writer.body, self._body_path(request_id, "response"), data))
+        self._queue.put(("body", self._body_path(request_id, "response"), data))
 
     def response_end(self, request_id: int) -> None:
-        self._queue.put((_Writer.end_body, self._body_path(request_id, "response")))
+        self._queue.put(("end_body", self._body_path(request_id, "response")))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from nextclaude import events, paths
 from nextclaude.config import Config
@@ -28,10 +29,14 @@ from nextclaude.router import FULL, Router
 from nextclaude.scheduler import Scheduler
 from nextclaude.status import snapshot
 from nextclaude.store import JsonStore
-from nextclaude.tokenstate import SPENT_KEY
 from nextclaude.upstream import UpstreamService
 
 STATE_SAVE_INTERVAL = 30.0
+# A stop ends at most this long after the longer of proxy.shutdownGrace and
+# the OAuth request timeout, whatever still hangs: a stuck worker must never
+# keep the process alive.  (`nextclaude server` adds a last-resort exit one
+# second later, for what the reactor itself waits on at shutdown.)
+STOP_MARGIN = 4.0
 
 
 class StateService(Service):
@@ -71,12 +76,8 @@ class StateService(Service):
         state = self._router.to_state()
 
         def replace(data: dict[str, Any]) -> None:
-            # The spent-token ledger is the accounts service's, written on
-            # its own schedule (before a rotated pair lands): never dropped here.
-            kept = {key: data[key] for key in (SPENT_KEY,) if key in data}
             data.clear()
             data.update(state)
-            data.update(kept)
 
         try:
             self._store.update(replace, create=dict)
@@ -194,7 +195,6 @@ class ProxyService(MultiService):
             self.hub,
             self.oauth,
             account_settings if account_settings is not None else AccountsSettings.from_config(config),
-            problems=self.problems,
         )
         self.account_service.setServiceParent(self)
         self.router.can_refresh = self.account_service.can_refresh
@@ -205,7 +205,9 @@ class ProxyService(MultiService):
         self.account_service.quota_changed = self.scheduler.arm_expiry
         self.request_log: RequestLog | None = None
         if config.log_dir is not None:
-            self.request_log = RequestLog(reactor, config.log_dir, self.hub, keep_bodies=log_bodies)
+            self.request_log = RequestLog(
+                reactor, config.log_dir, self.hub, keep_bodies=log_bodies, problems=self.problems
+            )
             self.request_log.setServiceParent(self)
         self.resource = resource = ProxyResource(
             reactor,
@@ -223,12 +225,14 @@ class ProxyService(MultiService):
         self.hub.subscribe(self._log_event)
 
     _stopping: Deferred[None] | None = None
+    # What the stop in progress still waits for (for the give-up message).
+    _stop_pending: dict[str, None]
 
     def stopService(self) -> Deferred[None]:
         # The console's quit and the reactor's shutdown may both ask; the
         # second asker waits for the first stop instead of starting one.
         if self._stopping is None:
-            self._stopping = Deferred.fromCoroutine(self._stop())
+            self._stopping = self._bounded_stop()
             return self._stopping.addBoth(self._stopped)
         waiter: Deferred[None] = Deferred()
         if self._stopping.called:
@@ -243,29 +247,100 @@ class ProxyService(MultiService):
             waiter.callback(None)
         return result
 
+    def stop_bound(self) -> float:
+        """
+        The longest a stop takes: the drain and the wait for token
+        refreshes in flight run side by side, then a margin for the rest.
+        """
+        return max(self.config.proxy.shutdown_grace, self.oauth.timeout) + STOP_MARGIN
+
+    def _bounded_stop(self) -> Deferred[None]:
+        """
+        L{_stop}, given up on after L{stop_bound} seconds.  Never fails:
+        failures are logged, and the caller (the reactor's shutdown) must
+        be able to go on to exit.
+        """
+        result: Deferred[None] = Deferred()
+        bound = self.stop_bound()
+        self._stop_pending = {}
+
+        def give_up() -> None:
+            if not result.called:
+                self._log.error(
+                    "stopping took longer than {bound:g}s; exiting without waiting for {what}",
+                    bound=bound,
+                    what=", ".join(self._stop_pending) or "nothing",
+                )
+                result.callback(None)
+
+        timer = self.reactor.callLater(bound, give_up)
+
+        def finished(outcome: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if isinstance(outcome, Failure):
+                self._log.failure("stopping the proxy failed", outcome)
+            if not result.called:
+                result.callback(None)
+
+        Deferred.fromCoroutine(self._stop()).addBoth(finished)
+        return result
+
+    def _stop_child(self, child: IService) -> Deferred[None]:
+        """
+        Stop one child service; fires (with None) when it has stopped or
+        failed to, the failure logged: one child's failure must neither
+        stop the others from stopping nor the stop from completing.
+        """
+        name = child.name or type(child).__name__
+        self._stop_pending[name] = None
+        stopped: Deferred[Any] = maybeDeferred(child.stopService)
+
+        def done(outcome: object) -> None:
+            self._stop_pending.pop(name, None)
+            if isinstance(outcome, Failure):
+                self._log.failure("stopping {service} failed", outcome, service=name)
+
+        return stopped.addBoth(done)
+
     async def _stop(self) -> None:
         """
-        Stop gracefully: accept nothing new, give the requests in flight up
-        to C{proxy.shutdownGrace} seconds to finish, cut the rest, then
-        stop everything else (the state is saved last).
+        Stop gracefully: accept nothing new; give the requests in flight up
+        to C{proxy.shutdownGrace} seconds to finish, then cut the rest,
+        while the accounts service waits for token refreshes in flight
+        (their rotated pairs must reach the file; the OAuth timeout bounds
+        them); then stop everything else (the request log writes the
+        drained requests' lines, the state is saved).
         """
-        await maybeDeferred(self.listener.stopService)
-        if self.resource.in_flight():
-            grace = self.config.proxy.shutdown_grace
-            self._log.info(
-                "waiting up to {grace:g}s for {count} request(s) in flight", grace=grace, count=self.resource.in_flight()
-            )
-            idle = self.resource.when_idle()
-            timer = self.reactor.callLater(grace, idle.cancel)
+        Service.stopService(self)
+        await self._stop_child(self.listener)
+        stopped: list[IService] = [self.listener, self.account_service]
+        accounts = self._stop_child(self.account_service)
+        await self._drain()
+        rest = [self._stop_child(child) for child in reversed(list(self)) if child not in stopped]
+        await DeferredList([accounts, *rest])
+
+    async def _drain(self) -> None:
+        count = self.resource.in_flight()
+        if not count:
+            return
+        grace = self.config.proxy.shutdown_grace
+        self._log.info("waiting up to {grace:g}s for {count} request(s) in flight", grace=grace, count=count)
+        self._stop_pending["requests in flight"] = None
+        idle = self.resource.when_idle()
+        timer = self.reactor.callLater(grace, idle.cancel)
+        try:
+            await idle
+        except CancelledError:
+            self._log.warn("shutdown grace over: cutting {count} request(s)", count=self.resource.in_flight())
             try:
-                await idle
-            except CancelledError:
-                self._log.warn("shutdown grace over: cutting {count} request(s)", count=self.resource.in_flight())
                 self.resource.abort_all()
-            finally:
-                if timer.active():
-                    timer.cancel()
-        await super().stopService()
+            except Exception:
+                self._log.failure("cutting the requests in flight failed")
+        finally:
+            self._stop_pending.pop("requests in flight", None)
+            if timer.active():
+                timer.cancel()
 
     def address(self) -> tuple[str | None, int | None]:
         if self.listener.port is None:

@@ -5,18 +5,35 @@ request, files rotated by size, all written off the reactor thread.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from nextclaude.accounts import AccountsSettings
 from nextclaude.config import load_config
-from nextclaude.events import EventHub
+from nextclaude.events import Event, EventHub
+from nextclaude.problems import REQUEST_LOG, Problems
 from nextclaude.requestlog import RequestLog, masked_headers
 from nextclaude.service import ProxyService
-from tests.support import PROXY_KEY, FakeUpstream, Seen, auth, client, listen, message_end, message_start, write_config
+from tests.support import (
+    PROXY_KEY,
+    FakeUpstream,
+    Seen,
+    auth,
+    client,
+    json_reply,
+    listen,
+    message_end,
+    message_start,
+    write_config,
+)
 
 
 class MaskingTests(SynchronousTestCase):
@@ -110,3 +127,216 @@ class ProxyLogTests(TestCase):
         everything = b"".join(p.read_bytes() for p in log_dir.rglob("*") if p.is_file())
         for secret in (PROXY_KEY.encode(), b"users-own", b"sk-ant-oat01-alice"):
             self.assertNotIn(secret, everything)
+
+
+class FailingWriter:
+    """
+    A writer on a full disk: the operations named in C{failing} raise
+    OSError(ENOSPC), at most C{times} times each (None: for ever); every
+    call is recorded.
+    """
+
+    def __init__(self, failing: tuple[str, ...], times: int | None = None, error: BaseException | None = None) -> None:
+        self.failing = failing
+        self.left = {name: times for name in failing}
+        self.error = error
+        self.calls: list[str] = []
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name not in self.failing:
+            return
+        left = self.left[name]
+        if left is not None:
+            if left <= 0:
+                return
+            self.left[name] = left - 1
+        raise self.error if self.error is not None else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def line(self, day: str, text: bytes) -> None:
+        self._call("line")
+
+    def body(self, path: Path, data: bytes) -> None:
+        self._call("body")
+
+    def end_body(self, path: Path) -> None:
+        self._call("end_body")
+
+    def close(self) -> None:
+        self._call("close")
+
+
+def emit_requests(hub: EventHub, count: int, log: RequestLog | None = None) -> None:
+    for number in range(1, count + 1):
+        hub.emit("request-started", 0.0, id=number, method="POST", path="/v1/messages", session=None, bytes=1)
+        if log is not None:
+            log.request_body(number, b"{}")
+            log.response_chunk(number, b"data: {}\n\n")
+            log.response_end(number)
+        hub.emit("request-finished", 1.0, id=number, account="a", reason="primary", status=200, ok=True, duration=1.0, usage=None)
+
+
+class WriteFailureTests(TestCase):
+    """
+    A request log that cannot be written (item 5 of issue 10): the stop
+    still completes, and the failure is one problem and one log line, not
+    one per request.
+    """
+
+    def setUp(self) -> None:
+        self.hub = EventHub()
+        self.events: list[Event] = []
+        self.hub.subscribe(self.events.append)
+        self.problems = Problems(self.hub, lambda: 1_800_000_000.0)
+        self.logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def start(self, writer: Any) -> RequestLog:
+        log = RequestLog(
+            reactor,
+            Path(self.mktemp()),
+            self.hub,
+            keep_bodies=True,
+            problems=self.problems,
+            make_writer=lambda directory, max_bytes: writer,
+        )
+        log.startService()
+        return log
+
+    def lines(self, text: str) -> list[str]:
+        return [formatEvent(event) or "" for event in self.logged if text in (formatEvent(event) or "")]
+
+    def kinds(self) -> list[str]:
+        return [event.kind for event in self.events if event.kind.startswith("problem-")]
+
+    async def test_everything_fails_stop_completes(self) -> None:
+        """
+        A writer whose every write, flush and close raise ENOSPC: the stop
+        completes, a REQUEST_LOG problem stands naming the directory and
+        the reason, and the log has one line about it for five requests.
+        """
+        writer = FailingWriter(("line", "body", "end_body", "close"))
+        log = self.start(writer)
+        emit_requests(self.hub, 5, log)
+        await log.stopService()
+        self.assertEqual(writer.calls[-1], "close")
+        [problem] = self.problems.snapshot()
+        self.assertEqual((problem["account"], problem["kind"]), (None, REQUEST_LOG))
+        self.assertIn(str(log.directory), problem["message"])
+        self.assertIn("No space left on device", problem["message"])
+        self.assertEqual(len(self.lines("cannot be written")), 1)
+        self.assertEqual(self.kinds(), ["problem-raised"])
+
+    async def test_close_alone_fails_stop_completes(self) -> None:
+        """
+        Writes that work but a close that raises at the stop (a buffer that
+        cannot be flushed): the stop still completes, and the failure is
+        reported.
+        """
+        writer = FailingWriter(("close",))
+        log = self.start(writer)
+        emit_requests(self.hub, 2)
+        await log.stopService()
+        self.assertEqual([p["kind"] for p in self.problems.snapshot()], [REQUEST_LOG])
+
+    async def test_writer_bug_stop_completes(self) -> None:
+        """
+        A writer that raises something other than OSError (a bug): the
+        thread logs it and carries on, and the stop completes.
+        """
+        writer = FailingWriter(("line", "close"), error=RuntimeError("bug"))
+        log = self.start(writer)
+        emit_requests(self.hub, 3)
+        await log.stopService()
+        self.assertEqual(writer.calls, ["line", "line", "line", "close"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)
+
+    async def test_writer_that_cannot_be_made(self) -> None:
+        """
+        A writer whose construction fails ends the thread at once: the stop
+        does not wait for it.
+        """
+        def broken(directory: Path, max_bytes: int) -> Any:
+            raise RuntimeError("no writer")
+
+        log = RequestLog(reactor, Path(self.mktemp()), self.hub, make_writer=broken)
+        log.startService()
+        emit_requests(self.hub, 1)
+        await log.stopService()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_recovery_clears_the_problem(self) -> None:
+        """
+        Once lines can be written again (space freed), the problem is
+        cleared, with one line saying so; it is raised once for the spell.
+        """
+        writer = FailingWriter(("line",), times=3)
+        log = self.start(writer)
+        emit_requests(self.hub, 5)
+        await log.stopService()
+        self.assertEqual(self.kinds(), ["problem-raised", "problem-cleared"])
+        self.assertEqual(self.problems.snapshot(), [])
+        self.assertEqual(len(self.lines("cannot be written")), 1)
+        self.assertEqual(len(self.lines("is written again")), 1)
+
+    async def test_failing_bodies_do_not_flap(self) -> None:
+        """
+        Bodies that cannot be written while lines can: the problem stands
+        (raised once), not raised and cleared for every request.
+        """
+        writer = FailingWriter(("body", "end_body"))
+        log = self.start(writer)
+        emit_requests(self.hub, 4, log)
+        await log.stopService()
+        self.assertEqual(self.kinds(), ["problem-raised"])
+
+    async def test_real_full_device(self) -> None:
+        """
+        With the real file writer, today's log file a link to /dev/full
+        (every flush and close fail with ENOSPC, as on a full disk): the
+        stop completes, the problem stands, one log line for five requests.
+        """
+        if not os.path.exists("/dev/full"):
+            raise SkipTest("no /dev/full here")
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        moment = 1_800_000_000.0
+        day = time.strftime("%Y-%m-%d", time.localtime(moment))
+        (directory / f"requests-{day}.jsonl").symlink_to("/dev/full")
+        log = RequestLog(reactor, directory, self.hub, problems=self.problems, wall_clock=lambda: moment)
+        log.startService()
+        emit_requests(self.hub, 5)
+        await log.stopService()
+        self.assertEqual([p["kind"] for p in self.problems.snapshot()], [REQUEST_LOG])
+        self.assertEqual(len(self.lines("cannot be written")), 1)
+
+
+class ProxyProblemTests(TestCase):
+    async def test_proxy_reports_unwritable_log(self) -> None:
+        """
+        A proxy whose request log cannot be written serves the request,
+        shows a request-log problem in its status, and stops.
+        """
+        if not os.path.exists("/dev/full"):
+            raise SkipTest("no /dev/full here")
+
+        def handler(seen: Seen) -> bytes:
+            return json_reply(seen.request, 200, {"type": "message", "content": []})
+
+        log_dir = Path(self.mktemp()).absolute()
+        log_dir.mkdir()
+        # Today and tomorrow: the test may straddle midnight.
+        for moment in (time.time(), time.time() + 86400):
+            (log_dir / f"requests-{time.strftime('%Y-%m-%d', time.localtime(moment))}.jsonl").symlink_to("/dev/full")
+        config_path = write_config(self, listen(self, FakeUpstream(handler)), logDir=str(log_dir))
+        config = load_config(config_path).with_overrides(port=0)
+        service = ProxyService(reactor, config, account_settings=AccountsSettings.quiet(config))
+        service.startService()
+        host, port = service.address()
+        response = await client(self).post(f"http://{host}:{port}/v1/messages", data=b"{}", headers=auth())
+        self.assertEqual(response.code, 200)
+        await response.content()
+        await service.stopService()
+        [problem] = [p for p in service.status()["problems"] if p["kind"] == REQUEST_LOG]
+        self.assertIn("No space left on device", problem["message"])
