@@ -315,15 +315,23 @@ class ProxyService(MultiService):
         Service.stopService(self)
         await self._stop_child(self.listener)
         stopped: list[IService] = [self.listener, self.account_service]
-        accounts = self._stop_child(self.account_service)
-        await self._drain()
-        rest = [self._stop_child(child) for child in reversed(list(self)) if child not in stopped]
-        await DeferredList([accounts, *rest])
+        waits = [self._stop_child(self.account_service)]
+        if await self._drain():
+            # A request in flight may have started a refresh after that
+            # stop (a 401 during the drain): its pair must be saved too, so
+            # the accounts service's stop runs again for what is in flight now.
+            waits.append(self._stop_child(self.account_service))
+        waits += [self._stop_child(child) for child in reversed(list(self)) if child not in stopped]
+        await DeferredList(waits)
 
-    async def _drain(self) -> None:
+    async def _drain(self) -> bool:
+        """
+        Wait up to the grace for the requests in flight, then cut the rest;
+        whether there were any.
+        """
         count = self.resource.in_flight()
         if not count:
-            return
+            return False
         grace = self.config.proxy.shutdown_grace
         self._log.info("waiting up to {grace:g}s for {count} request(s) in flight", grace=grace, count=count)
         self._stop_pending["requests in flight"] = None
@@ -341,6 +349,7 @@ class ProxyService(MultiService):
             self._stop_pending.pop("requests in flight", None)
             if timer.active():
                 timer.cancel()
+        return True
 
     def address(self) -> tuple[str | None, int | None]:
         if self.listener.port is None:

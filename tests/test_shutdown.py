@@ -180,7 +180,7 @@ class BoundedStopTests(SynchronousTestCase):
     up on (issue 10, item 5).
     """
 
-    def build(self, grace: float) -> Any:
+    def build(self, grace: float, refresh_at_start: bool = True) -> Any:
         from twisted.internet.testing import MemoryReactorClock
 
         from nextclaude.accounts import AccountsSettings
@@ -189,13 +189,14 @@ class BoundedStopTests(SynchronousTestCase):
 
         self.reactor = MemoryReactorClock()
         self.reactor.advance(NOW)
-        # The token expires within the refresh margin: a refresh starts at once.
+        # A token expiring within the refresh margin is refreshed at once.
+        expires_in = 60 if refresh_at_start else 8 * 3600
         account = {
             "name": "alice",
             "type": "oauth",
             "accessToken": "sk-ant-oat01-alice",
             "refreshToken": "sk-ant-ort01-alice",
-            "expiresAt": int((NOW + 60) * 1000),
+            "expiresAt": int((NOW + expires_in) * 1000),
         }
         path = write_config(self, 9, accounts=[account], proxy={"shutdownGrace": grace})
         config = load_config(path).with_overrides(port=0)
@@ -211,7 +212,7 @@ class BoundedStopTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
         service.startService()
         self.reactor.advance(0)
-        self.assertEqual(len(self.http.requests), 1, "the refresh is in flight")
+        self.assertEqual(len(self.http.requests), 1 if refresh_at_start else 0)
         self.state = path.parent / "state.json"
         return service
 
@@ -247,6 +248,25 @@ class BoundedStopTests(SynchronousTestCase):
         self.reactor.advance(0.001)
         self.successResultOf(stopped)
         self.assertEqual(self.streams.aborted, 1)
+
+    def test_refresh_started_during_drain_is_waited_for(self) -> None:
+        """
+        A refresh that a request in flight starts during the drain (a 401
+        after the accounts service began stopping) is waited for too, up
+        to its OAuth timeout: its rotated pair must be saved.
+        """
+        service = self.build(grace=10, refresh_at_start=False)
+        stopped = service.stopService()
+        self.reactor.advance(2)
+        alice = service.pool.get("alice")
+        Deferred.fromCoroutine(service.account_service.refresh(alice))
+        self.assertEqual(len(self.http.requests), 1)
+        self.reactor.advance(8)
+        self.assertEqual(self.streams.aborted, 1)
+        self.reactor.advance(22 - 0.001)
+        self.assertNoResult(stopped)
+        self.reactor.advance(0.001)
+        self.successResultOf(stopped)
 
     def test_bound_when_everything_hangs(self) -> None:
         """
