@@ -19,7 +19,7 @@ from nextclaude.config import AccountConfig
 from nextclaude.events import EventHub
 from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.quota import parse_rate_limit_headers
-from nextclaude.router import ARMING, FULL, NAIVE, POLICIES, Router
+from nextclaude.router import ARMING, FULL, NAIVE, POLICIES, SEQUENTIAL, Router
 from nextclaude.sessions import inspect_request
 from nextclaude.simulate import SimAnswer, SimulatedAnthropic
 from nextclaude.usage import Usage
@@ -34,7 +34,7 @@ from nextclaude.workload import (
     drive,
 )
 
-POLICY_NAMES = {FULL: "NextClaude (forecast)", ARMING: "plain arming", NAIVE: "naive baseline"}
+POLICY_NAMES = {FULL: "NextClaude", ARMING: "plain arming", NAIVE: "naive baseline", SEQUENTIAL: "sequential"}
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,12 @@ class PolicyReport:
         )
 
 
-def account_configs(sim: SimulatedAnthropic) -> list[AccountConfig]:
-    return [AccountConfig(name=account.name, type="oauth", access_token=account.credential) for account in sim.accounts]
+def account_configs(sim: SimulatedAnthropic, upstream: UpstreamSpec = STANDARD_UPSTREAM) -> list[AccountConfig]:
+    """The simulator's accounts as the config names them, with the tier a mixed pool shows."""
+    return [
+        AccountConfig(name=account.name, type="oauth", access_token=account.credential, tier=upstream.tier(index))
+        for index, account in enumerate(sim.accounts)
+    ]
 
 
 def stranded_quota(sim: SimulatedAnthropic, router: Router, now: float) -> int:
@@ -112,7 +116,7 @@ def replay(
     hub = EventHub()
     switches = _SwitchCounter()
     hub.subscribe(switches)
-    pool = AccountPool(account_configs(sim), thresholds)
+    pool = AccountPool(account_configs(sim, upstream), thresholds)
     router = Router(pool, clock.seconds, hub, policy=policy)
 
     def send(request: PlannedRequest, now: float) -> SimAnswer:
@@ -176,6 +180,11 @@ def parse_arguments(argv: Sequence[str] | None, description: str) -> argparse.Na
     parser.add_argument("--quota", type=int, default=STANDARD_UPSTREAM.five_hour_tokens, help="5h quota tokens per account")
     parser.add_argument("--accounts", type=int, default=STANDARD_UPSTREAM.accounts)
     parser.add_argument("--policy", choices=POLICIES, action="append", help="policies to run (default: all)")
+    parser.add_argument("--family", action="store_true", help="run the workload family (issue 11) and print its table")
+    parser.add_argument("--random", type=int, default=8, help="with --family: how many seeded random shapes")
+    parser.add_argument("--random-seed", type=int, default=2026, help="with --family: the random shapes' seed")
+    parser.add_argument("--jobs", type=int, default=2, help="with --family: worker processes")
+    parser.add_argument("--only", help="with --family: only shapes whose name contains this")
     return parser.parse_args(argv)
 
 
@@ -187,6 +196,10 @@ def specs_from(arguments: argparse.Namespace) -> tuple[WorkloadSpec, UpstreamSpe
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv, "Replay a Claude-Code-shaped workload through the router on a virtual clock.")
+    if arguments.family:
+        from nextclaude.family import main as family
+
+        return family(arguments.random, arguments.jobs, arguments.only, arguments.random_seed)
     spec, upstream = specs_from(arguments)
     thresholds = Thresholds()
     print(describe_parameters(spec, upstream, thresholds))

@@ -51,7 +51,10 @@ NO_CREDENTIALS = "no-credentials"
 FULL = "full"
 ARMING = "arming"
 NAIVE = "naive"
-POLICIES = (FULL, ARMING, NAIVE)
+# Accounts one after another, each used up to its ceiling: the baseline
+# for capacity over tasks longer than a window (DESIGN.md point 5).
+SEQUENTIAL = "sequential"
+POLICIES = (FULL, ARMING, NAIVE, SEQUENTIAL)
 
 # The longest prompt-cache TTL (subscription mode asks for 1 h): a restart
 # within it may find the saved primary's cache still warm.
@@ -249,6 +252,9 @@ class Router:
         of the accounts' quota (DESIGN.md points 2, 3, 4 and 8).
         """
         pool = self.pool
+        if self.policy == SEQUENTIAL:
+            self._turn(now, ACCOUNT_WIDE, frozenset())
+            return
         for name in list(self.draining):
             account = pool.get(name)
             if account is None or (
@@ -389,6 +395,8 @@ class Router:
                 exchange.tried.add(name)
         if self.policy == NAIVE:
             return self._route_naive(exchange, now, family)
+        if self.policy == SEQUENTIAL:
+            return self._route_sequential(exchange, now, family)
         session = exchange.session
         if session is None:
             account = self._for_new_session(exchange, now, family)
@@ -530,6 +538,31 @@ class Router:
                 return self._all_exhausted(exchange, now)
             self._set_primary(primary)
         return self._decide(exchange, primary, PRIMARY, now)
+
+    def _route_sequential(self, exchange: Exchange, now: float, family: str | None) -> Decision:
+        session = exchange.session
+        current = self.pool.get(session.account) if session is not None else None
+        if self._usable(current, now, family, exchange.tried):
+            return self._decide(exchange, current, AFFINITY, now)
+        account = self._turn(now, family, exchange.tried)
+        if account is None:
+            return self._all_exhausted(exchange, now)
+        reason = exchange.next_reason or (CEILING if current is not None else PRIMARY)
+        return self._decide(exchange, account, reason, now)
+
+    def _turn(self, now: float, family: str | None, tried: set[str] | frozenset[str]) -> Account | None:
+        """
+        The account whose turn it is: the current primary while it can
+        serve, else the next one after it in (priority, config) order.
+        """
+        accounts = sorted(self.pool, key=lambda a: (a.priority, a.order))
+        names = [account.name for account in accounts]
+        start = names.index(self.primary) if self.primary in names else 0
+        for account in accounts[start:] + accounts[:start]:
+            if self._usable(account, now, family, tried):
+                self.primary = account.name
+                return account
+        return None
 
     # -- every account is out ------------------------------------------------------
 

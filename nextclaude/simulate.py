@@ -23,10 +23,11 @@ simple and deterministic:
   breakpoint caches nothing. Hits refresh the TTL. The real API also needs a
   minimum length and looks back at most 20 blocks from a breakpoint; the
   simulator skips those rules.
-* **Quota.** A request burns ``input + cache_creation + output +
-  cache_read_weight × cache_read`` "quota tokens": uncached tokens and output
-  (``cache_read_weight`` defaults to 0.1: PROTOCOL.md warns not to assume
-  reads are free; 0.0 models free reads). The whole
+* **Quota.** A request burns ``input + creation_weight × cache_creation +
+  output_weight × output + cache_read_weight × cache_read`` "quota tokens":
+  uncached tokens and output (``cache_read_weight`` defaults to 0.1:
+  PROTOCOL.md warns not to assume reads are free; 0.0 models free reads;
+  the other weights default to 1). The whole
   burn is charged when the request is admitted, planned output included, so
   the rate-limit headers of a response already include that response. A 5 h
   and a 7 d window each start at the first admitted request after they were
@@ -174,6 +175,10 @@ class SimAccount:
     cache: dict[bytes, float] = field(default_factory=dict, repr=False, compare=False)
     _cache_prune_at: int = field(default=4096, init=False, repr=False, compare=False)
 
+    # Rounds the utilization headers down to this step (0.01, 0.05): real
+    # headers carry two decimals, so a policy must not need finer readings.
+    utilization_step: float = 0.0
+
     def credential_headers(self) -> dict[str, str]:
         """The credential header this account is sent with (lowercase name).
 
@@ -229,19 +234,25 @@ def sim_credential(name: str, kind: str = "oauth") -> str:
 
 def simulated_accounts(n: int, five_hour_tokens: int = 2_000_000,
                        seven_day_tokens: int | None = None, *, kind: str = "oauth",
-                       prefix: str = "sim") -> list[SimAccount]:
+                       prefix: str = "sim", sizes: Iterable[float] | None = None,
+                       utilization_step: float = 0.0) -> list[SimAccount]:
     """``n`` accounts named ``sim-1`` … with deterministic credentials.
 
     The 7 d capacity defaults to ten 5 h windows, the ratio of SimAccount's
-    defaults.
+    defaults.  ``sizes`` (one per account) multiplies both windows, for
+    pools of mixed tiers (Pro 1, Max 5x 5, Max 20x 20).
     """
     if seven_day_tokens is None:
         seven_day_tokens = 10 * five_hour_tokens
+    factors = list(sizes) if sizes is not None else [1.0] * n
+    if len(factors) != n:
+        raise ValueError("one size per account")
     return [
         SimAccount(name=f"{prefix}-{i}", credential=sim_credential(f"{prefix}-{i}", kind),
-                   kind=kind, five_hour_tokens=five_hour_tokens,
-                   seven_day_tokens=seven_day_tokens)
-        for i in range(1, n + 1)
+                   kind=kind, five_hour_tokens=round(five_hour_tokens * size),
+                   seven_day_tokens=round(seven_day_tokens * size),
+                   utilization_step=utilization_step)
+        for i, size in zip(range(1, n + 1), factors)
     ]
 
 
@@ -264,6 +275,13 @@ def _blocking(windows: Iterable[WindowView]) -> WindowView | None:
     return max(full, key=lambda w: w.reset) if full else None
 
 
+def _rounded(utilization: float, step: float) -> float:
+    if step <= 0:
+        return utilization
+    # The small epsilon keeps 0.3 / 0.01 from flooring to 29 steps.
+    return math.floor(utilization / step + 1e-9) * step
+
+
 def unified_headers(account: SimAccount, now: float) -> dict[str, str]:
     """The ``anthropic-ratelimit-unified-*`` headers of a subscription account."""
     five, seven = account.windows(now)
@@ -275,7 +293,7 @@ def unified_headers(account: SimAccount, now: float) -> dict[str, str]:
     headers = {p + "status": status}
     for w in (five, seven):
         headers[f"{p}{w.key}-status"] = w.status
-        headers[f"{p}{w.key}-utilization"] = f"{w.utilization:.4f}"
+        headers[f"{p}{w.key}-utilization"] = f"{_rounded(w.utilization, account.utilization_step):.4f}"
         headers[f"{p}{w.key}-reset"] = _epoch(w.reset)
     headers[p + "reset"] = _epoch(representative.reset)
     headers[p + "representative-claim"] = representative.claim
@@ -403,26 +421,67 @@ def analyse_prompt(body: dict[str, Any], default_ttl: float = TTL_5M) -> PromptS
 
     The hash chain starts from the model: caches are per model upstream.
     """
-    head: dict[str, Any] = {}
+    # The canonical JSON of {"system": …, "tools": …} (keys sorted), built
+    # from memoised parts: the tools and system blocks are the same objects
+    # request after request.
+    parts: list[bytes] = []
+    marked_head = one_hour = False
     if "system" in body:
-        head["system"] = _stable_system(body["system"])
+        system = _stable_system(body["system"])
+        if isinstance(system, list):
+            blocks = [_message_facts(block) for block in system]
+            parts.append(b'"system":[' + b",".join(b[0] for b in blocks) + b"]")
+            marked_head = any(b[1] for b in blocks)
+            one_hour = any(b[2] for b in blocks)
+        else:
+            parts.append(b'"system":' + _message_facts(system)[0])
     if "tools" in body:
-        head["tools"] = body["tools"]
-    head_text = _canonical(_without_cache_control(head)) if head else ""
-    digest = hashlib.sha256(f"{body.get('model', '')}\0{head_text}".encode()).digest()
-    tokens = len(head_text) // 4
+        encoded, marked, asks_1h = _message_facts(body["tools"])
+        parts.append(b'"tools":' + encoded)
+        marked_head, one_hour = marked_head or marked, one_hour or asks_1h
+    head_bytes = b"{" + b",".join(parts) + b"}" if parts else b""
+    digest = hashlib.sha256(body.get("model", "").encode() + b"\0" + head_bytes).digest()
+    tokens = _chars(head_bytes) // 4
     hashes, totals = [digest], [tokens]
-    last_breakpoint = 0 if _has_cache_control(body.get("system")) or _has_cache_control(body.get("tools")) else None
+    last_breakpoint = 0 if marked_head else None
     for i, message in enumerate(body.get("messages", []), start=1):
-        text = _canonical(_without_cache_control(message))
-        digest = hashlib.sha256(digest + text.encode()).digest()
-        tokens += len(text) // 4
+        encoded, marked, asks_1h = _message_facts(message)
+        digest = hashlib.sha256(digest + encoded).digest()
+        tokens += _chars(encoded) // 4
         hashes.append(digest)
         totals.append(tokens)
-        if _has_cache_control(message):
+        if marked:
             last_breakpoint = i
-    ttl = TTL_1H if _asks_for_1h(body) else default_ttl
+        one_hour = one_hour or asks_1h
+    ttl = TTL_1H if one_hour else default_ttl
     return PromptShape(tuple(hashes), tuple(totals), ttl, last_breakpoint)
+
+
+# Replays send the same message objects again every turn (the history only
+# grows), and canonicalising them each time made the simulator quadratic.
+# Keyed by id() with the object kept alive, so an id is never reused while
+# its entry exists; bounded, so HTTP bodies (new objects each time) do not
+# pile up.
+_MESSAGE_MEMO: dict[int, tuple[Any, bytes, bool, bool]] = {}
+_MESSAGE_MEMO_LIMIT = 50_000
+
+
+def _chars(encoded: bytes) -> int:
+    return len(encoded) if encoded.isascii() else len(encoded.decode())
+
+
+def _message_facts(message: Any) -> tuple[bytes, bool, bool]:
+    """A message's canonical bytes (markers left out), whether it carries a
+    breakpoint, and whether one asks for the 1 h TTL."""
+    entry = _MESSAGE_MEMO.get(id(message))
+    if entry is not None and entry[0] is message:
+        return entry[1], entry[2], entry[3]
+    encoded = _canonical(_without_cache_control(message)).encode()
+    facts = (encoded, _has_cache_control(message), _asks_for_1h(message))
+    if len(_MESSAGE_MEMO) >= _MESSAGE_MEMO_LIMIT:
+        _MESSAGE_MEMO.clear()
+    _MESSAGE_MEMO[id(message)] = (message, *facts)
+    return facts
 
 
 def _has_cache_control(value: Any) -> bool:
@@ -774,7 +833,8 @@ class SimulatedAnthropic(Resource):
                  delta_interval: float = 0.0, deltas: int = 8,
                  cache_ttl_default: float = TTL_5M, cache_read_weight: float = 0.1,
                  output_tokens_per_delta: int = 5, default_output_tokens: int | None = None,
-                 honour_breakpoints: bool = False) -> None:
+                 honour_breakpoints: bool = False, output_weight: float = 1.0,
+                 creation_weight: float = 1.0) -> None:
         super().__init__()
         self.reactor = reactor
         self.delta_interval = delta_interval
@@ -782,6 +842,10 @@ class SimulatedAnthropic(Resource):
         self.cache_ttl_default = cache_ttl_default
         # Quota cost of a cache-read token; 0.0 models "cache reads are free".
         self.cache_read_weight = cache_read_weight
+        # Quota weights of output and cache-creation tokens: upstream's
+        # formula is unknown, so benchmarks try several.
+        self.output_weight = output_weight
+        self.creation_weight = creation_weight
         self.output_tokens_per_delta = output_tokens_per_delta
         # Output of a message without x-sim-output-tokens; None: deltas × per delta.
         self.default_output_tokens = default_output_tokens
@@ -942,7 +1006,8 @@ class SimulatedAnthropic(Resource):
         usage = SimUsage(fresh, created, read, output, shape.ttl)
         # The quota burn: uncached input (input + cache creation) and output,
         # plus cache reads at their weight.
-        account.burn(fresh + created + output + self.cache_read_weight * read, now)
+        account.burn(fresh + self.creation_weight * created + self.output_weight * output
+                     + self.cache_read_weight * read, now)
         self._count_usage(account, usage)
         return Reply(
             message_id=self._id("msg_sim"), model=body["model"],

@@ -173,6 +173,41 @@ def _fill(segment: dict[str, Any], block: dict[str, Any], key: str, tokens: int,
         block[key] += _filler(rng, missing)
 
 
+# The history's messages and the tools are the same objects request after
+# request; encoding each once keeps long replays linear.  Keyed by id() with
+# the object held, so an id is not reused while its entry exists.
+_ENCODED: dict[int, tuple[Any, bytes]] = {}
+_ENCODED_LIMIT = 50_000
+
+
+def _encoded(value: Any) -> bytes:
+    entry = _ENCODED.get(id(value))
+    if entry is not None and entry[0] is value:
+        return entry[1]
+    encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    if len(_ENCODED) >= _ENCODED_LIMIT:
+        _ENCODED.clear()
+    _ENCODED[id(value)] = (value, encoded)
+    return encoded
+
+
+def _encode_body(body: dict[str, Any]) -> bytes:
+    """
+    Exactly C{json.dumps(body, ensure_ascii=False, separators=(",", ":"))},
+    with the messages, system blocks and tools encoded once each.
+    """
+    parts = []
+    for key, value in body.items():
+        if key in ("messages", "system") and isinstance(value, list):
+            encoded = b"[" + b",".join(_encoded(item) for item in value) + b"]"
+        elif key == "tools":
+            encoded = _encoded(value)
+        else:
+            encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        parts.append(json.dumps(key).encode() + b":" + encoded)
+    return b"{" + b",".join(parts) + b"}"
+
+
 def _short_hash(*parts: object, length: int = 16) -> str:
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:length]
 
@@ -221,6 +256,9 @@ class WorkloadSpec:
     seed: int = 1
     side_requests: bool = True  # quota check, title on Haiku, count_tokens
     subagents: bool = True  # subagent requests (own system prompt and tools)
+    stagger: float = 0.0  # session i starts i × stagger seconds after session 0
+    idle_rate: float = 0.0  # per main turn, the chance the user walks away first
+    idle_gap: float = 0.0  # seconds such a pause lasts (past the cache TTL to go cold)
 
     def __post_init__(self) -> None:
         if self.ttl not in ("5m", "1h"):
@@ -231,8 +269,10 @@ class WorkloadSpec:
             raise ValueError("token sizes must be positive")
         if self.output_tokens >= self.tokens_per_turn:
             raise ValueError("tokens_per_turn must exceed output_tokens (it includes them)")
-        if self.think_time < 0:
-            raise ValueError("think_time must not be negative")
+        if self.think_time < 0 or self.stagger < 0 or self.idle_gap < 0:
+            raise ValueError("think_time, stagger and idle_gap must not be negative")
+        if not 0.0 <= self.idle_rate <= 1.0:
+            raise ValueError("idle_rate must be a probability")
         # A fresh post-compaction context must fit under the threshold, or
         # every turn would compact again.
         if self.prefix_tokens + self.summary_tokens + self.tokens_per_turn >= self.compact_above:
@@ -246,6 +286,8 @@ class WorkloadSpec:
             f"{self.summary_tokens}, output {self.output_tokens}/turn, think {self.think_time:g}s, "
             f"ttl {self.ttl}, seed {self.seed}, side requests {'on' if self.side_requests else 'off'}, "
             f"subagents {'on' if self.subagents else 'off'}"
+            + (f", stagger {self.stagger:g}s" if self.stagger else "")
+            + (f", idle {self.idle_gap:g}s at {self.idle_rate:g}/turn" if self.idle_rate else "")
         )
 
 
@@ -266,27 +308,50 @@ class UpstreamSpec:
     cache_ttl_default: float = 300.0
     cache_read_weight: float = 0.0
     honour_breakpoints: bool = True
+    # One multiplier per account (Pro 1, Max 5x 5, Max 20x 20) of both
+    # windows; None: every account the same size.
+    sizes: tuple[float, ...] | None = None
+    output_weight: float = 1.0
+    creation_weight: float = 1.0
+    utilization_step: float = 0.0  # rounding of the utilization headers
+
+    def __post_init__(self) -> None:
+        if self.sizes is not None and len(self.sizes) != self.accounts:
+            raise ValueError("one size per account")
 
     def build(self, reactor: IReactorTime | None = None) -> SimulatedAnthropic:
         """A simulator with these accounts (named sim-1 …) on ``reactor``
         (default: a fresh ``task.Clock``; drivers pass ``now`` to ``answer``)."""
         return SimulatedAnthropic(
             reactor if reactor is not None else cast(IReactorTime, Clock()),
-            simulated_accounts(self.accounts, self.five_hour_tokens, self.seven_day_tokens),
+            simulated_accounts(self.accounts, self.five_hour_tokens, self.seven_day_tokens,
+                               sizes=self.sizes, utilization_step=self.utilization_step),
             cache_ttl_default=self.cache_ttl_default,
             cache_read_weight=self.cache_read_weight,
             honour_breakpoints=self.honour_breakpoints,
+            output_weight=self.output_weight,
+            creation_weight=self.creation_weight,
         )
+
+    def tier(self, index: int) -> str | None:
+        """The tier name account C{index} would show (None when sizes are not given)."""
+        if self.sizes is None:
+            return None
+        size = self.sizes[index]
+        return "Pro" if size < 2.5 else "Max 5x" if size < 12 else "Max 20x"
 
     def unlimited(self) -> UpstreamSpec:
         """The same upstream with one account that never runs out."""
-        return replace(self, accounts=1, five_hour_tokens=10**15, seven_day_tokens=10**16)
+        return replace(self, accounts=1, five_hour_tokens=10**15, seven_day_tokens=10**16, sizes=None)
 
     def describe(self) -> str:
+        sizes = f" sized {'/'.join(f'{size:g}' for size in self.sizes)}" if self.sizes else ""
         return (
-            f"{self.accounts} accounts x {self.five_hour_tokens} tokens of 5h quota, default ttl "
+            f"{self.accounts} accounts x {self.five_hour_tokens} tokens of 5h quota{sizes}, default ttl "
             f"{self.cache_ttl_default:g}s, cache-read weight {self.cache_read_weight:g}, "
-            f"breakpoints {'honoured' if self.honour_breakpoints else 'implicit'}"
+            f"output weight {self.output_weight:g}, creation weight {self.creation_weight:g}, "
+            f"newest message as {'cache creation' if self.honour_breakpoints else 'input'}"
+            + (f", utilization in steps of {self.utilization_step:g}" if self.utilization_step else "")
         )
 
 
@@ -386,6 +451,8 @@ class ConversationSim:
         self._rng = random.Random(base + ":main")
         self._extra_rng = random.Random(base + ":extra")
         self._time_rng = random.Random(base + ":time")
+        # Its own stream: idle pauses leave every other draw where it was.
+        self._idle_rng = random.Random(base + ":idle")
         self.session_id = str(uuid.UUID(bytes=hashlib.sha256(base.encode()).digest()[:16], version=4))
         self._user_id = json.dumps({"device_id": prefix.device_id, "account_uuid": "",
                                     "session_id": self.session_id}, separators=(",", ":"))
@@ -398,7 +465,7 @@ class ConversationSim:
         self._pending: PlannedRequest | None = None
         self._extra_serial = 0
         # Sessions start staggered over one think time.
-        self._start_delay: float | None = self._time_rng.uniform(0.0, spec.think_time)
+        self._start_delay: float | None = self._time_rng.uniform(0.0, spec.think_time) + index * spec.stagger
         self._next_tool_id: str | None = None
         self._new_user: dict[str, Any] = {}  # the newest user message of the pending main request
         if spec.side_requests:
@@ -478,7 +545,7 @@ class ConversationSim:
 
     def _plan(self, kind: str, turn: int, body: dict[str, Any], output: int, delay: float,
               prompt_tokens: int, path: bytes = MESSAGES_PATH) -> PlannedRequest:
-        raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        raw = _encode_body(body)
         return PlannedRequest(
             session=self.index, turn=turn, kind=kind, path=path,
             headers=self._headers(output if path == MESSAGES_PATH else None), body=raw,
@@ -559,7 +626,10 @@ class ConversationSim:
                           self._time_rng.uniform(0.5, 2.0), tokens)
 
     def _think(self) -> float:
-        return self.spec.think_time * self._time_rng.uniform(0.5, 1.5)
+        think = self.spec.think_time * self._time_rng.uniform(0.5, 1.5)
+        if self.spec.idle_rate and self._idle_rng.random() < self.spec.idle_rate:
+            return think + self.spec.idle_gap
+        return think
 
     # -- side and subagent requests
 
@@ -639,6 +709,11 @@ class Workload:
     def prefix_tokens(self) -> int:
         """The shared system+tools prefix as the simulator counts it."""
         return self._prefix.tokens
+
+    @property
+    def subagent_prefix_tokens(self) -> int:
+        """The subagents' own system+tools prefix, as the simulator counts it."""
+        return self._prefix.subagent_tokens
 
     def sessions(self) -> list[ConversationSim]:
         return list(self._sessions)
