@@ -225,8 +225,9 @@ class ProxyService(MultiService):
         self.hub.subscribe(self._log_event)
 
     _stopping: Deferred[None] | None = None
-    # What the stop in progress still waits for (for the give-up message).
-    _stop_pending: dict[str, None]
+    # What the stop in progress still waits for, and how many times over
+    # (for the give-up message).
+    _stop_pending: dict[str, int]
 
     def stopService(self) -> Deferred[None]:
         # The console's quit and the reactor's shutdown may both ask; the
@@ -293,11 +294,13 @@ class ProxyService(MultiService):
         stop the others from stopping nor the stop from completing.
         """
         name = child.name or type(child).__name__
-        self._stop_pending[name] = None
+        self._stop_pending[name] = self._stop_pending.get(name, 0) + 1
         stopped: Deferred[Any] = maybeDeferred(child.stopService)
 
         def done(outcome: object) -> None:
-            self._stop_pending.pop(name, None)
+            self._stop_pending[name] -= 1
+            if not self._stop_pending[name]:
+                del self._stop_pending[name]
             if isinstance(outcome, Failure):
                 self._log.failure("stopping {service} failed", outcome, service=name)
 
@@ -334,7 +337,7 @@ class ProxyService(MultiService):
             return False
         grace = self.config.proxy.shutdown_grace
         self._log.info("waiting up to {grace:g}s for {count} request(s) in flight", grace=grace, count=count)
-        self._stop_pending["requests in flight"] = None
+        self._stop_pending["requests in flight"] = 1
         idle = self.resource.when_idle()
         timer = self.reactor.callLater(grace, idle.cancel)
         try:
