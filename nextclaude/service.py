@@ -29,6 +29,7 @@ from nextclaude.router import FULL, Router
 from nextclaude.scheduler import Scheduler
 from nextclaude.status import snapshot
 from nextclaude.store import JsonStore
+from nextclaude.tokenstate import SPENT_KEY
 from nextclaude.upstream import UpstreamService
 
 STATE_SAVE_INTERVAL = 30.0
@@ -76,8 +77,12 @@ class StateService(Service):
         state = self._router.to_state()
 
         def replace(data: dict[str, Any]) -> None:
+            # The spent-token ledger is the accounts service's, written on
+            # its own schedule (before a rotated pair lands): never dropped here.
+            kept = {key: data[key] for key in (SPENT_KEY,) if key in data}
             data.clear()
             data.update(state)
+            data.update(kept)
 
         try:
             self._store.update(replace, create=dict)
@@ -195,6 +200,7 @@ class ProxyService(MultiService):
             self.hub,
             self.oauth,
             account_settings if account_settings is not None else AccountsSettings.from_config(config),
+            problems=self.problems,
         )
         self.account_service.setServiceParent(self)
         self.router.can_refresh = self.account_service.can_refresh
