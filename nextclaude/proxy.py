@@ -82,8 +82,12 @@ def error_body(kind: str, message: str) -> bytes:
     ).encode("utf-8")
 
 
+# Reason phrases Twisted's table lacks (it would send "Unknown Status").
+_PHRASES = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 529: b"Overloaded"}
+
+
 def respond_error(request: Request, code: int, kind: str, message: str) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, _PHRASES.get(code))
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     return error_body(kind, message)
 
@@ -876,6 +880,14 @@ class ProxyResource(Resource):
             # Claude Code shows its usage-limit notice for these; accounts
             # that are only throttled would make it a false one.
             request.setHeader(b"anthropic-ratelimit-unified-status", b"rejected")
+            if decision.claim is not None:
+                # Claude Code (2.1.x, subscription mode) shows its own
+                # "You've hit your session limit · resets …" notice only when
+                # a 429 names a claim; without one it prints our message after
+                # "Server is temporarily limiting requests (not your usage
+                # limit)".  So a claim only when quota is the whole story: a
+                # dead credential must be named to the user.
+                request.setHeader(b"anthropic-ratelimit-unified-representative-claim", decision.claim.encode("ascii"))
             if decision.reset is not None:
                 request.setHeader(b"anthropic-ratelimit-unified-reset", str(int(decision.reset)).encode("ascii"))
         self._finish_error(request, 429, "rate_limit_error", decision.message)

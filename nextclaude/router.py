@@ -131,6 +131,10 @@ class Decision:
     status: int = 429
     message: str = ""
     out_of_quota: bool = False
+    # Set only when the whole story is quota (no dead credential, no
+    # refusal): the window to name in the client's usage-limit notice, in
+    # the upstream's representative-claim words (PROTOCOL.md).
+    claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -636,6 +640,21 @@ class Router:
                 blocks.append(until)
         return max(blocks) if blocks else account.soonest_reset(now)
 
+    def _blocking_claim(self, account: Account, now: float, family: str | None) -> str:
+        """
+        The representative claim of the window that keeps C{account} out
+        longest: C{seven_day} for any weekly window, else C{five_hour}.
+        """
+        latest: tuple[float, str] | None = None
+        for name, window in account.live_windows(now).items():
+            if name == "overage" or not window_applies(name, family):
+                continue
+            if window.status == REJECTED or (window.utilization or 0.0) >= self.pool.thresholds.hard:
+                reset = window.reset if window.reset is not None else math.inf
+                if latest is None or reset > latest[0]:
+                    latest = (reset, name)
+        return "seven_day" if latest is not None and latest[1].startswith("7d") else "five_hour"
+
     def _rejection(self, exchange: Exchange, now: float) -> Decision:
         """
         What the client hears when no account can serve.  With every
@@ -697,6 +716,11 @@ class Router:
             reset=reset,
             message=" ".join(parts),
             out_of_quota=bool(out_of_quota),
+            # With a dead credential or a refusal in the story, the client
+            # must show this message, not its own usage-limit notice.
+            claim=self._blocking_claim(min(out_of_quota, key=lambda a: backs[a.name] or math.inf), now, family)
+            if out_of_quota and not throttled and not dead and not refused
+            else None,
         )
 
     @staticmethod

@@ -196,6 +196,10 @@ class DeadCredentialTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"55"])
         self.assertEqual(response.headers.getRawHeaders(U.encode() + b"status"), [b"rejected"])
         self.assertEqual(response.headers.getRawHeaders(U.encode() + b"reset"), [str(reset).encode()])
+        # No claim: Claude Code would show its own usage-limit notice in
+        # place of this message, and the dead key would go unmentioned.
+        self.assertIsNone(response.headers.getRawHeaders(U.encode() + b"representative-claim"))
+        self.assertEqual(response.phrase, b"Too Many Requests")
         body = await response.json()
         self.assertEqual(body["error"]["type"], "rate_limit_error")
         self.assertEqual(
@@ -204,6 +208,39 @@ class DeadCredentialTests(TestCase):
             "Dead credentials: work-key (API key): the API key was rejected (401 authentication_error); "
             "fix: put a working key in work-key's apiKey in the NextClaude config file.",
         )
+
+
+    async def test_all_out_of_quota_names_the_blocking_window(self) -> None:
+        """
+        Every account out of quota and none dead: the synthetic 429 carries
+        a representative claim, so Claude Code shows its usage-limit notice
+        with the reset: the window of the account back soonest, C{seven_day}
+        when a weekly window keeps it out, else C{five_hour}.
+        """
+        cases = [
+            ({"alice": "5h", "bob": "7d"}, b"five_hour"),
+            ({"alice": "7d", "bob": "7d"}, b"seven_day"),
+            ({"alice": "7d", "bob": "5h"}, b"five_hour"),
+        ]
+        for spent_windows, claim in cases:
+            resets = {"5h": int(NOW + 2 * 3600), "7d": int(NOW + 3 * 86400)}
+
+            def handler(seen: Seen) -> bytes:
+                window = spent_windows[who(seen)]
+                spent = {U + "status": "rejected", U + f"{window}-status": "rejected", U + f"{window}-utilization": "1.0"}
+                spent[U + f"{window}-reset"] = spent[U + "reset"] = str(resets[window])
+                return error(seen, 429, "rate_limit_error", "limit", spent)
+
+            upstream = FakeUpstream(handler)
+            clock, virtual_reactor = virtual(self)
+            config = write_config(self, listen(self, upstream), accounts=[ALICE, BOB])
+            service, url = start_proxy(self, config, virtual_reactor)
+            response = await post(self, url)
+            self.assertEqual(response.code, 429)
+            self.assertEqual(response.headers.getRawHeaders(U.encode() + b"representative-claim"), [claim], spent_windows)
+            self.assertEqual(response.headers.getRawHeaders(U.encode() + b"status"), [b"rejected"])
+            await response.content()
+            await service.stopService()
 
 
 class TooManyRequestsTests(TestCase):
