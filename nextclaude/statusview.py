@@ -104,6 +104,27 @@ def _account_lines(account: Mapping[str, Any], primary: str | None, now: float) 
     return lines
 
 
+# Statuses in which the primary serves nothing: the Active line must not
+# read as if it did.
+_NOT_SERVING = frozenset({"error", "exhausted", "throttled", "disabled"})
+
+
+def primary_text(snapshot: Mapping[str, Any]) -> str:
+    """
+    The primary's name for the C{Active:} line, with its status when it
+    cannot serve right now (C{alice (error)}), or C{none yet}.
+    """
+    primary = snapshot.get("primary")
+    if not primary:
+        return "none yet"
+    for account in snapshot.get("accounts") or []:
+        if isinstance(account, Mapping) and account.get("name") == primary:
+            status = account.get("status")
+            if status in _NOT_SERVING:
+                return f"{primary} ({status})"
+    return str(primary)
+
+
 def problem_lines(snapshot: Mapping[str, Any]) -> list[str]:
     """
     The snapshot's problems as one line each, oldest first.  An account
@@ -137,7 +158,7 @@ def render_status(snapshot: Mapping[str, Any], now: float) -> str:
         f"NextClaude {snapshot.get('version', '?')} · {len(accounts)} account(s) · "
         f"{snapshot.get('sessions', 0)} session(s) · up {duration(uptime)}"
     ]
-    active = [primary or "none yet"]
+    active = [primary_text(snapshot)]
     threshold = snapshot.get("switchThreshold")
     if isinstance(threshold, (int, float)):
         active.append(f"switch at {_percent(threshold)}")

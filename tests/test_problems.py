@@ -205,3 +205,26 @@ class StatusEndpointTests(TestCase):
             self.assertEqual([p["kind"] for p in shown], [REQUEST_LOG])
 
         return Deferred.fromCoroutine(check())
+
+
+class PrimaryTextTests(SynchronousTestCase):
+    def test_primary_that_cannot_serve_says_so(self) -> None:
+        """
+        The Active line and the console header name the primary with its
+        status when it cannot serve (error, exhausted, throttled,
+        disabled), never as if it were active; a serving primary is named
+        plainly, and no primary reads "none yet".
+        """
+        for status in ("error", "exhausted", "throttled", "disabled"):
+            snap = snapshot_with([])
+            snap["accounts"][0]["status"] = status
+            self.assertIn(f"Active: alice ({status}) ·", render_status(snap, NOW))
+            header = "".join(views.line_text(part) for part in views.header_parts(snap, NOW))
+            self.assertIn(f"primary alice ({status})", header)
+        for status in ("active", "armed", "draining"):
+            snap = snapshot_with([])
+            snap["accounts"][0]["status"] = status
+            self.assertIn("Active: alice ·", render_status(snap, NOW))
+        snap = snapshot_with([])
+        snap["primary"] = None
+        self.assertIn("Active: none yet ·", render_status(snap, NOW))

@@ -19,7 +19,7 @@ from nextclaude import events as kinds
 from nextclaude.console import palette as p
 from nextclaude.humanize import duration, tokens
 from nextclaude.problems import ACCOUNT_ERROR as ACCOUNT_ERROR_KIND
-from nextclaude.statusview import problem_lines
+from nextclaude.statusview import primary_text, problem_lines
 
 Segment = tuple[str | None, str]
 Line = list[Segment]
@@ -284,9 +284,10 @@ def header_parts(snapshot: Snapshot, now: float) -> list[Line]:
     if port is not None:
         host = listen.get("host") or "127.0.0.1"
         parts.append([(p.HEADER, f"{host}:{port}")])
-    primary = snapshot.get("primary")
-    if primary:
-        parts.append([(p.HEADER_DIM, "primary "), (p.HEADER, str(primary))])
+    if snapshot.get("primary"):
+        shown = primary_text(snapshot)
+        attr = p.HEADER if shown == snapshot.get("primary") else p.BAD
+        parts.append([(p.HEADER_DIM, "primary "), (attr, shown)])
     return parts
 
 
