@@ -40,7 +40,7 @@ COLD_MINIMUM = 1000
 # Routing reasons (DESIGN.md, point 11) by how remarkable they are.
 _ROUTINE = {"affinity", "primary", "manual"}
 _MOVES = {"landed-after-compaction", "landed-early", "ttl-expired", "ceiling", "forward-only-waived"}
-_RETRIES = {"quota-429", "retry-401", "retry-403", "retry-transient", "retry-connect"}
+_RETRIES = {"quota-429", "retry-401", "retry-403", "retry-transient", "retry-throttle", "retry-connect"}
 _SHORT_REASONS = {
     "landed-after-compaction": "landed:compact",
     "forward-only-waived": "fwd-only-waived",
