@@ -211,36 +211,6 @@ async def _fetch_profile(reactor: Any, config: Config, token: str) -> Profile | 
         await client.close()
 
 
-def _refuse_spent(path: Path, source: str | None, credentials: ImportedCredentials) -> str | None:
-    """
-    Why the import is refused, if its refresh token is one the proxy has
-    already spent: importing it would replace a live pair with a dead one.
-    The account that spent it keeps its pair; if only its recovery file
-    holds that pair, it is written back to the config now.
-    """
-    if not credentials.refresh_token:
-        return None
-    try:
-        spent = tokenstate.read_spent(path)
-    except FileProblem:
-        # An unreadable state file: the running proxy still refuses the
-        # token when it reloads the config.
-        return None
-    owner = spent.owner(credentials.refresh_token)
-    if owner is None:
-        return None
-    try:
-        restored = tokenstate.restore_recovered(path, owner, spent)
-    except (FileProblem, OSError):
-        restored = False
-    kept = " (written back from its recovery file)" if restored else ""
-    return (
-        f"{source or 'the credentials given'} hold a refresh token NextClaude already used for {owner}; "
-        f"it has been rotated since, so it no longer works. {owner} keeps its current tokens{kept}; "
-        "nothing was imported. Log in to Claude Code again, or run `nextclaude login`, for a new grant."
-    )
-
-
 def run_import(args: argparse.Namespace) -> int:
     path = paths.config_file(args.config)
     try:
@@ -248,7 +218,7 @@ def run_import(args: argparse.Namespace) -> int:
         source, credentials = _read_import(args)
     except (ConfigError, CredentialsError) as error:
         return _fail(str(error))
-    refused = _refuse_spent(path, source, credentials)
+    refused = tokenstate.import_refusal(path, source, credentials.refresh_token)
     if refused is not None:
         return _fail(refused)
 

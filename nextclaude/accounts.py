@@ -850,11 +850,11 @@ class AccountsService(Service):
             return
         if account.config.import_from:
             fix = (
-                "log in to Claude Code and run `nextclaude import` again, "
-                "or run `nextclaude login` to give the proxy a grant of its own"
+                f"log in to Claude Code and run `nextclaude import --name {name}` again, "
+                f"or run `nextclaude login --name {name}` to give the proxy a grant of its own"
             )
         else:
-            fix = "run `nextclaude login` (or `nextclaude import`) again"
+            fix = f"run `nextclaude login --name {name}` (or `nextclaude import --name {name}`) again"
         message = f"the OAuth grant is no longer valid ({error}); {fix}"
         account.error = message
         self._log.error("{account}: {message}", account=name, message=message)

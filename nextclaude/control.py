@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from nextclaude import paths
+from nextclaude import paths, tokenstate
 from nextclaude.config import add_account, load_config, remove_account
 from nextclaude.events import Event, EventHub
 
@@ -473,6 +473,12 @@ class ConfigAccounts:
         name = (name or "").strip()
         if not name:
             raise InvalidAccount("give the imported account a name")
+        refresh_token = oauth.get("refreshToken")
+        refused = tokenstate.import_refusal(
+            self._path, "the pasted credentials", refresh_token if isinstance(refresh_token, str) else None
+        )
+        if refused is not None:
+            raise InvalidAccount(refused)
         account: dict[str, Any] = {"name": name, "type": "oauth", "accessToken": oauth["accessToken"]}
         if isinstance(oauth.get("refreshToken"), str):
             account["refreshToken"] = oauth["refreshToken"]

@@ -232,3 +232,34 @@ def restore_recovered(config_path: Path, account: str, spent: SpentTokens) -> bo
         if outcome == SAVED:
             remove_recovery(config_path, account)
     return outcome == SAVED
+
+
+def import_refusal(config_path: Path, source: str | None, refresh_token: str | None) -> str | None:
+    """
+    Why an import must be refused, or None: its refresh token is one the
+    proxy already spent, so importing it would replace a live pair with a
+    dead one.  The account that spent it keeps its pair; if only its
+    recovery file holds that pair, it is written back to the config now.
+    Used by `nextclaude import` and the console's add-account import.
+    """
+    if not refresh_token:
+        return None
+    try:
+        spent = read_spent(config_path)
+    except paths.FileProblem:
+        # An unreadable state file: the running proxy still refuses the
+        # token when it reloads the config.
+        return None
+    owner = spent.owner(refresh_token)
+    if owner is None:
+        return None
+    try:
+        restored = restore_recovered(config_path, owner, spent)
+    except (paths.FileProblem, OSError):
+        restored = False
+    kept = " (written back from its recovery file)" if restored else ""
+    return (
+        f"{source or 'the credentials given'} hold a refresh token NextClaude already used for {owner}; "
+        f"it has been rotated since, so it no longer works. {owner} keeps its current tokens{kept}; "
+        "nothing was imported. Log in to Claude Code again, or run `nextclaude login`, for a new grant."
+    )

@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from nextclaude import account_commands, store, tokenstate
 from nextclaude.accounts import IN_MEMORY_MESSAGE, SAVE_RETRY_START, STOP_SAVE_TIMEOUT
 from nextclaude.config import update_account
+from nextclaude.control import ConfigAccounts, InvalidAccount
 from nextclaude.problems import TOKEN_IN_MEMORY, TOKEN_UNSAVED
 from nextclaude.service import StateService
 from nextclaude.tokenstate import SPENT_KEY, SpentTokens, token_digest
@@ -560,6 +561,23 @@ class ImportTests(TokenStateHarness):
             self.assertEqual(self.path.read_text(), before)
         self.assertEqual(self.file_account("a")["refreshToken"], live.refresh_token)  # type: ignore[index]
         self.assertEqual(self.file_account("a")["priority"], 4)  # type: ignore[index]
+
+    def test_console_import_refuses_a_spent_token(self) -> None:
+        """The console's add-account import (ConfigAccounts.import_json) refuses a spent token the same way,
+        under any account name, and leaves the config as it was; a fresh token is imported."""
+        ours, live = self.spent_pair()
+        before = self.path.read_text()
+        accounts = ConfigAccounts(self.path, lambda: ([], []))
+        creds = json.dumps({"claudeAiOauth": {"accessToken": ours["accessToken"], "refreshToken": ours["refreshToken"]}})
+        for name in ("a", "someone-new"):
+            with self.assertRaises(InvalidAccount) as raised:
+                accounts.import_json(creds, name)
+            self.assertIn("already used for a", str(raised.exception))
+            self.assertNotIn(ours["refreshToken"], str(raised.exception))
+            self.assertEqual(self.path.read_text(), before)
+        fresh = json.dumps({"claudeAiOauth": {"accessToken": "sk-ant-oat01-fresh", "refreshToken": "sk-ant-ort01-fresh"}})
+        self.assertEqual(accounts.import_json(fresh, "b"), "b")
+        self.assertEqual(self.file_account("b")["refreshToken"], "sk-ant-ort01-fresh")  # type: ignore[index]
 
     def test_spent_token_import_restores_the_recovered_pair(self) -> None:
         """When the config still holds the spent pair and a recovery file the live one, the refused import
