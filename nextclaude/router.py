@@ -23,16 +23,26 @@ from nextclaude.humanize import duration
 from nextclaude.pool import ACCOUNT_WIDE, Account, AccountPool, Status, model_family, window_applies
 from nextclaude.quota import REJECTED, QuotaReport
 from nextclaude.sessions import Moment, RequestFacts, Session, SessionTable
+from nextclaude.placement import (
+    AFFINITY,
+    CEILING,
+    MOVED_AFTER_COMPACTION,
+    MOVED_AFTER_IDLE,
+    PLACED,
+    SPREAD_EARLY,
+    Placement,
+)
 from nextclaude.usage import Usage
 
-# Routing reasons (DESIGN.md point 11), shown in logs and the console.
-AFFINITY = "affinity"
-PRIMARY = "primary"
+# Routing reasons (DESIGN.md point 11): one vocabulary for the console,
+# logs, history and metrics.  Placement's own (affinity, placed,
+# spread-early, moved-after-compaction, moved-after-idle, ceiling) come
+# from placement.py.
 MANUAL = "manual"
-LANDED_AFTER_COMPACTION = "landed-after-compaction"
-LANDED_EARLY = "landed-early"
-TTL_EXPIRED = "ttl-expired"
-CEILING = "ceiling"
+# Earlier names of the same reasons (the arming baseline uses them).
+PRIMARY = PLACED
+LANDED_AFTER_COMPACTION = MOVED_AFTER_COMPACTION
+TTL_EXPIRED = MOVED_AFTER_IDLE
 QUOTA_429 = "quota-429"
 RETRY_401 = "retry-401"
 RETRY_403 = "retry-403"
@@ -219,9 +229,8 @@ class Router:
         self.manual: str | None = None
         self.successor: str | None = None
         self.draining: set[str] = set()
-        # Where forecast landings go before the primary arms; the successor
-        # when it does, so sessions gather on one account, not scattered.
-        self._early_target: str | None = None
+        # The learned costs and the placement decisions of the full policy.
+        self.placement = Placement(pool, self.sessions.sessions)
         # Sessions that move to the manual pin on their next request.
         self._to_manual: set[str] = set()
         self._sweeping = False
@@ -258,6 +267,9 @@ class Router:
         pool = self.pool
         if self.policy == SEQUENTIAL:
             self._turn(now, ACCOUNT_WIDE, frozenset())
+            return
+        if self.policy == FULL:
+            self._refresh_placed(now)
             return
         for name in list(self.draining):
             account = pool.get(name)
@@ -314,15 +326,13 @@ class Router:
         self._armed_alone.discard(primary.name)
         self.draining.add(primary.name)
         self.successor = successor.name
-        self._early_target = None
         self._hub.emit(events.ARMED, now, account=primary.name, successor=successor.name)
         self._set_primary(successor)
 
     def _pick_successor(self, leaving: Account, now: float) -> Account | None:
         """
-        The account that takes over from C{leaving}: the forecast's early
-        target if it is still good, else the best-ranked serviceable account
-        below the switch threshold.
+        The account that takes over from C{leaving}: the best-ranked
+        serviceable account below the switch threshold.
         """
         pool = self.pool
 
@@ -335,9 +345,6 @@ class Router:
                 and self._below_switch(account, now)
             )
 
-        hint = pool.get(self._early_target)
-        if good(hint):
-            return hint
         for account in pool.ranked(now, ACCOUNT_WIDE):
             if good(account):
                 return account
@@ -380,6 +387,8 @@ class Router:
         session, moment = self.sessions.observe(facts, now)
         if moment is Moment.COMPACTION and session is not None:
             self._hub.emit(events.COMPACTION, now, session=session.key, account=session.account)
+        if moment in (Moment.COMPACTION, Moment.SIZE_DROP) and session is not None:
+            self.placement.cycle_closed(session)
         return Exchange(facts=facts, session=session, moment=moment)
 
     def route(self, exchange: Exchange) -> Decision:
@@ -401,6 +410,8 @@ class Router:
             return self._route_naive(exchange, now, family)
         if self.policy == SEQUENTIAL:
             return self._route_sequential(exchange, now, family)
+        if self.policy == FULL and exchange.session is not None:
+            return self._route_placed(exchange, exchange.session, now, family)
         session = exchange.session
         if session is None:
             account = self._for_new_session(exchange, now, family)
@@ -503,34 +514,101 @@ class Router:
         ):
             if self._usable(primary, now, family, exchange.tried) and not self._excluded(session, primary, now):
                 return primary, cheap
-        if (
-            self.policy == FULL
-            and primary is not None
-            and current.name == primary.name
-            and self._forecast_exhausts(current, now)
-        ):
-            target = self._pick_successor(current, now)
-            if target is not None and self._usable(target, now, family, exchange.tried):
-                self._early_target = target.name
-                return target, LANDED_EARLY
         return current, AFFINITY
 
-    def _forecast_exhausts(self, account: Account, now: float) -> bool:
+    # -- the full policy: placement with reservations (placement.py) ---------------
+
+    def _route_placed(self, exchange: Exchange, session: Session, now: float, family: str | None) -> Decision:
+        account, reason = self._place(exchange, session, now, family)
+        if account is None:
+            return self._all_exhausted(exchange, now)
+        if account.name != session.account:
+            session.placed = now
+        return self._decide(exchange, account, reason, now)
+
+    def _place(self, exchange: Exchange, session: Session, now: float, family: str | None) -> tuple[Account | None, str]:
+        pool, placement, tried = self.pool, self.placement, exchange.tried
+        manual = pool.get(self.manual)
+        pin_leads = self._usable(manual, now, family, tried) and self._below_switch(manual, now)
+
+        def out(account: Account) -> bool:
+            return account.name in tried
+
+        def left(account: Account) -> bool:
+            return account.name in tried or self._excluded(session, account, now)
+
+        current = pool.get(session.account)
+        if current is None:
+            if pin_leads:
+                return manual, MANUAL
+            return placement.place(session, now, family, out), exchange.next_reason or PLACED
+        if not self._usable(current, now, family, tried):
+            target = placement.at_ceiling(session, now, family, left)
+            if target is not None:
+                return target, exchange.next_reason or CEILING
+            return placement.at_ceiling(session, now, family, out), FORWARD_ONLY_WAIVED
+        if session.key in self._to_manual:
+            if pin_leads:
+                self._to_manual.discard(session.key)
+                return manual, MANUAL
+            # The pin cannot take it right now (throttled, say): the move
+            # waits for a request when it can.
+        if pin_leads and current.name == manual.name:
+            # The user's choice overrides placement while the pin leads.
+            return current, AFFINITY
+        moment = exchange.moment
+        if moment in _CHEAP_MOMENTS:
+            reason = MOVED_AFTER_IDLE if moment is Moment.IDLE else MOVED_AFTER_COMPACTION
+            if pin_leads and not left(manual):
+                # Back to the pin once it leads again (its window reset).
+                return manual, reason
+            target = placement.at_cheap_moment(session, current, now, family, left)
+            return target, (reason if target.name != current.name else AFFINITY)
+        target = placement.spread_early(session, current, now, family, left)
+        if target is not None:
+            return target, SPREAD_EARLY
+        return current, AFFINITY
+
+    def _refresh_placed(self, now: float) -> None:
         """
-        Whether the account is forecast to reach the hard threshold before
-        the sessions on it reach their next cheap moment: its estimated
-        headroom against the summed per-cycle cost of its live sessions
-        (DESIGN.md point 5).
+        What the console shows under placement: the primary is where a new
+        session would go; an account is draining while some session on it
+        would leave at its cheap moment, and the successor is where the
+        first of them would go.
         """
-        headroom = account.headroom(now, self.pool.thresholds.hard)
-        if headroom is None:
-            return False
-        need = 0
-        for session in self.sessions.sessions():
-            if session.account == account.name and not session.idle_expired(now):
-                cost = session.expected_cycle_cost()
-                need += cost if cost is not None else session.cycle_tokens
-        return need > headroom
+        pool, placement = self.pool, self.placement
+        manual = pool.get(self.manual)
+        if manual is not None and pool.serviceable(manual, now, ACCOUNT_WIDE) and self._below_switch(manual, now):
+            self.primary = manual.name
+        else:
+            newcomer = Session("", "header", last_seen=now)
+            best = placement.place(newcomer, now, ACCOUNT_WIDE, lambda account: False)
+            if best is not None:
+                self.primary = best.name
+            elif pool.get(self.primary) is None:
+                self.primary = None
+        draining: set[str] = set()
+        successor: str | None = None
+        for session in placement.live(now):
+            account = pool.get(session.account)
+            if account is None or account.name in draining:
+                continue
+            if not pool.serviceable(account, now, ACCOUNT_WIDE):
+                # Out: its sessions move on their next request, to here.
+                target = placement.at_ceiling(session, now, ACCOUNT_WIDE, lambda a, name=account.name: a.name == name)
+                successor = successor or (target.name if target is not None else None)
+                continue
+            if placement.fits(account, session, now):
+                continue
+            target = placement.best(session, now, ACCOUNT_WIDE, lambda a, name=account.name: a.name == name)
+            if target is None:
+                continue
+            draining.add(account.name)
+            if account.name not in self.draining:
+                self._hub.emit(events.ARMED, now, account=account.name, successor=target.name)
+            successor = successor or target.name
+        self.draining = draining
+        self.successor = successor
 
     def _route_naive(self, exchange: Exchange, now: float, family: str | None) -> Decision:
         primary = self.pool.get(self.primary)
@@ -884,11 +962,13 @@ class Router:
         now = self._clock()
         account.last_used = now
         account.usage.record(usage, ok)
+        # The reading this response carried first: the usage it reports is
+        # not in it yet (headers come before the stream's output).
+        self.placement.observe(account, now)
         if usage is not None:
             burn = usage.input_tokens + usage.cache_creation_input_tokens + usage.output_tokens
             account.record_burn(burn, now)
-            if exchange.session is not None:
-                exchange.session.record_usage(burn)
+            self.placement.finished(account, exchange.session, usage)
 
     def close(self, exchange: Exchange) -> None:
         """
@@ -943,11 +1023,12 @@ class Router:
         """
         if self.manual == name:
             self.pin(None)
-        for attribute in ("primary", "successor", "_early_target"):
+        for attribute in ("primary", "successor"):
             if getattr(self, attribute) == name:
                 setattr(self, attribute, None)
         self.draining.discard(name)
         self.sessions.forget_account(name)
+        self.placement.forget(name)
 
     # -- views -------------------------------------------------------------------
 
@@ -987,6 +1068,7 @@ class Router:
             "savedAt": now,
             "accounts": {account.name: account.to_state() for account in self.pool},
             "sessions": self.sessions.to_state(now),
+            "placement": self.placement.to_state(),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -1014,6 +1096,7 @@ class Router:
         successor = known(state.get("successor"))
         self.successor = successor.name if successor is not None and self.draining else None
         self.sessions.restore(state.get("sessions"), now)
+        self.placement.restore(state.get("placement"))
         for session in self.sessions.sessions():
             if session.account is not None and self.pool.get(session.account) is None:
                 session.account = None

@@ -78,6 +78,10 @@ _CACHE_CONTROL = b'"cache_control"'
 _TTL_1H = re.compile(rb'"cache_control"\s*:\s*\{[^{}]{0,200}?"ttl"\s*:\s*"1h"')
 _MAX_TOKENS_KEY = b'"max_tokens"'
 _MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*(\d{1,12})(?![\d.eE])')
+# Claude Code writes max_tokens after metadata, near the end; its side
+# requests (max_tokens 1) are tiny.  Looking further back would scan the
+# whole history of a large request whose max_tokens sits elsewhere.
+_MAX_TOKENS_WINDOW = 64 * 1024
 _USER_ID_KEY = b'"user_id"'
 _USER_ID = re.compile(rb'"user_id"\s*:\s*"((?:[^"\\]|\\.){1,1000})"')
 # The cheap path only trusts a user_id that opens the metadata object, the
@@ -356,7 +360,7 @@ def inspect_request(
             except UnicodeDecodeError:
                 model = None
         if not side:
-            at = body.rfind(_MAX_TOKENS_KEY)
+            at = body.rfind(_MAX_TOKENS_KEY, max(0, size - _MAX_TOKENS_WINDOW))
             if at >= 0:
                 match = _MAX_TOKENS.match(body, at)
                 side = match is not None and int(match.group(1)) == 1
@@ -391,30 +395,43 @@ class Session:
     last_seen: float = 0.0
     compaction_pending_since: float | None = None
     peak_body: int = 0
+    # Its usage in the current compaction cycle and in its recent completed
+    # ones: uncached tokens (input, cache creation, output) and, apart,
+    # cache reads, whose quota weight placement learns.
     cycle_tokens: int = 0
     cycle_costs: list[int] = field(default_factory=list)
+    cycle_reads: int = 0
+    cycle_read_costs: list[int] = field(default_factory=list)
     compactions: int = 0
     last_request: float = 0.0
+    # When it was placed on its account: among sessions that started
+    # together, the earlier placed keep their place (placement.py).
+    placed: float = 0.0
 
     def idle_expired(self, now: float) -> bool:
         """Its prompt cache has gone cold on every account."""
         return now - self.last_seen > self.ttl
 
     def expected_cycle_cost(self) -> int | None:
-        """Mean uncached tokens of its recent completed compaction cycles."""
+        """Mean usage units of its recent completed compaction cycles."""
         if not self.cycle_costs:
             return None
         return round(sum(self.cycle_costs) / len(self.cycle_costs))
 
-    def record_usage(self, uncached_tokens: int) -> None:
-        """Add a response's quota tokens (input + cache creation + output) to the current cycle."""
+    def record_usage(self, uncached_tokens: int, cache_reads: int = 0) -> None:
+        """Add a response's uncached tokens (input + cache creation + output) and cache reads to the current cycle."""
         if type(uncached_tokens) is int and uncached_tokens > 0:
             self.cycle_tokens += uncached_tokens
+        if type(cache_reads) is int and cache_reads > 0:
+            self.cycle_reads += cache_reads
 
     def _close_cycle(self) -> None:
         self.cycle_costs.append(self.cycle_tokens)
         del self.cycle_costs[:-_KEPT_CYCLES]
         self.cycle_tokens = 0
+        self.cycle_read_costs.append(self.cycle_reads)
+        del self.cycle_read_costs[:-_KEPT_CYCLES]
+        self.cycle_reads = 0
         self.compactions += 1
 
 
@@ -553,6 +570,12 @@ class SessionTable:
                 "left": dict(s.left),
                 "ttl": s.ttl,
                 "lastSeen": s.last_seen,
+                "placed": s.placed,
+                "cycleTokens": s.cycle_tokens,
+                "cycleCosts": list(s.cycle_costs),
+                "cycleReads": s.cycle_reads,
+                "cycleReadCosts": list(s.cycle_read_costs),
+                "compactions": s.compactions,
             }
             for s in self._sessions.values()
             if now - s.last_seen <= s.ttl
@@ -606,6 +629,14 @@ class SessionTable:
             seconds = _number(when)
             if isinstance(name, str) and seconds is not None:
                 left[name] = seconds
+        def count(name: str) -> int:
+            value = entry.get(name)
+            return value if type(value) is int and value >= 0 else 0
+
+        def counts(name: str) -> list[int]:
+            values = entry.get(name)
+            return [c for c in values if type(c) is int and c >= 0][-_KEPT_CYCLES:] if isinstance(values, list) else []
+
         return Session(
             key,
             source,
@@ -614,4 +645,10 @@ class SessionTable:
             ttl=ttl,
             last_seen=last_seen,
             last_request=last_seen,
+            placed=_number(entry.get("placed")) or 0.0,
+            cycle_tokens=count("cycleTokens"),
+            cycle_costs=counts("cycleCosts"),
+            cycle_reads=count("cycleReads"),
+            cycle_read_costs=counts("cycleReadCosts"),
+            compactions=count("compactions"),
         )

@@ -114,9 +114,9 @@ class ProxyLogTests(TestCase):
         [log_file] = log_dir.glob("requests-*.jsonl")
         [entry] = [json.loads(line) for line in log_file.read_text().splitlines()]
         self.assertEqual((entry["method"], entry["path"], entry["status"]), ("POST", "/v1/messages", 200))
-        self.assertEqual((entry["account"], entry["reason"]), ("alice", "primary"))
+        self.assertEqual((entry["account"], entry["reason"]), ("alice", "placed"))
         self.assertEqual(entry["session"], "s:abc-123")
-        self.assertEqual(entry["attempts"], [{"account": "alice", "reason": "primary"}])
+        self.assertEqual(entry["attempts"], [{"account": "alice", "reason": "placed"}])
         self.assertEqual(entry["usage"]["cache_read_input_tokens"], 100)
         self.assertEqual(entry["headers"]["x-api-key"], "nc-…(redacted)")
         self.assertIn("duration", entry)

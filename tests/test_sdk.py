@@ -301,8 +301,9 @@ class SDKThroughProxyTests(TestCase):
         by_name = {account["name"]: account for account in status["accounts"]}
         self.assertEqual(by_name["sim-1"]["status"], "exhausted")
         self.assertEqual(by_name["sim-1"]["flags"], [])
-        # sim-2 took over from sim-1, which sessions are leaving.
-        self.assertEqual(by_name["sim-2"]["flags"], ["primary", "successor"])
+        # sim-2 took over from sim-1; no session is left to move, so no
+        # account is the successor (where the next move goes).
+        self.assertEqual(by_name["sim-2"]["flags"], ["primary"])
         self.assertEqual(by_name["sim-2"]["usage"]["requests"], 1)
 
     async def test_account_at_ceiling_is_not_asked_again(self) -> None:

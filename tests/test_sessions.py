@@ -898,18 +898,25 @@ _ORDINARY = {
 
 class StateTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
-        """to_state is JSON-able and restore brings back pins, exits, TTL and last-seen time."""
+        """
+        to_state is JSON-able and restore brings back pins, exits, TTL,
+        last-seen time, when it was placed and its cycle costs (what
+        placement reserves for it).
+        """
         table = SessionTable()
         session, _ = table.observe(main_request(), 100.0)
         session.account = "work"
         session.left = {"home": 90.0}
+        session.placed = 95.0
+        session.cycle_tokens, session.cycle_costs, session.compactions = 1_200, [40_000, 50_000], 2
         prefix, _ = table.observe(prefix_facts(1000), 150.0)
         prefix.account = "home"
         state = json.loads(json.dumps(table.to_state(200.0)))
         self.assertEqual(
             state[0],
             {"key": "s:" + SESSION, "keySource": "header", "account": "work", "left": {"home": 90.0},
-             "ttl": TTL_1H, "lastSeen": 100.0},
+             "ttl": TTL_1H, "lastSeen": 100.0, "placed": 95.0, "cycleTokens": 1_200,
+             "cycleCosts": [40_000, 50_000], "cycleReads": 0, "cycleReadCosts": [], "compactions": 2},
         )
         restored = SessionTable()
         restored.restore(state, 300.0)
@@ -917,6 +924,8 @@ class StateTests(SynchronousTestCase):
         copy = restored.get("s:" + SESSION)
         self.assertEqual((copy.key_source, copy.account, copy.left, copy.ttl, copy.last_seen),
                          ("header", "work", {"home": 90.0}, TTL_1H, 100.0))
+        self.assertEqual((copy.placed, copy.cycle_tokens, copy.cycle_costs, copy.compactions),
+                         (95.0, 1_200, [40_000, 50_000], 2))
         self.assertEqual(restored.get(prefix.key).key_source, "prefix")
         self.assertEqual(restored.observe(main_request(), 400.0)[1], Moment.NONE)
 
