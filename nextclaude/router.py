@@ -9,6 +9,16 @@ decision, reports each upstream answer to L{Router.on_response} (whose
 L{Verdict} says whether to serve it or try again), reports the end with
 L{Router.on_finished}, and always calls L{Router.close}.  The scheduler does
 the waiting the verdicts ask for.
+
+Where a session goes is placement's decision (L{nextclaude.placement}: costs
+in utilization learned from the headers, reservations, moves at cheap
+moments and at the ceiling); the router keeps attempts, verdicts, probe
+sweeps, the manual pin and the forward-only rule.  Under placement the
+I{primary} is where a new session would go, an account is I{draining} while
+some session on it will leave at its cheap moment, the I{successor} is where
+the next such move goes, and I{armed} is an account at C{switchThreshold}
+(it takes no new sessions).  The other policies are benchmark baselines:
+plain arming (the earlier arm-and-land rules), naive and sequential.
 """
 
 from __future__ import annotations
