@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from nextclaude import events
+from nextclaude.allocator import Allocator, Reclaimer
 from nextclaude.config import Config
 from nextclaude.events import EventHub
 from nextclaude.pool import Account
@@ -60,7 +61,8 @@ _HOP_BY_HOP = frozenset(
 )
 # The local user's credentials: never sent on, whatever the account.
 _CLIENT_CREDENTIALS = frozenset({b"x-api-key", b"authorization", b"x-nextclaude-key"})
-# treq negotiates gzip itself and decodes it, so the client's wish is moot.
+# The upstream client negotiates gzip itself and decodes it, so the
+# client's wish is moot.
 _REQUEST_ONLY = frozenset({b"accept-encoding"})
 _RESPONSE_DROP = _HOP_BY_HOP | {b"content-encoding"}
 
@@ -160,6 +162,9 @@ class ProxyChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        site = getattr(self, "site", None)
+        if isinstance(site, ProxySite):
+            site.connection_opened()
         self._set_deadline(HEADERS_TIMEOUT)
 
     def dataReceived(self, data: bytes) -> None:
@@ -270,19 +275,30 @@ class ProxyChannel(HTTPChannel):
             self._linger_call.cancel()
         self._set_deadline(None)
         super().connectionLost(reason)
+        site = getattr(self, "site", None)
+        if isinstance(site, ProxySite):
+            site.connection_closed()
 
 
 class ProxyRequest(Request):
     """
     A request that keeps its body in memory (ready for retries on another
     account) and refuses one over the cap before reading it.
+
+    The body arrives as the socket's reads, kept as they are and joined
+    once when it is complete: a buffer grown read by read costs a copy per
+    growth and holds twice the body when its value is taken.  The joined
+    body is C{content} (a BytesIO over the very bytes, no copy) until the
+    proxy takes it with L{take_body}.
     """
 
     _rejected = False
     _received = 0
+    _chunks: list[bytes] | None = None
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()
+        self._chunks = []
         if length is not None and length > self.channel.site.max_body_bytes:
             self._reject_oversize()
 
@@ -294,7 +310,19 @@ class ProxyRequest(Request):
             # A chunked body has no length up front: cap it as it arrives.
             self._reject_oversize()
             return
-        self.content.write(data)
+        if self._chunks is None:
+            self._chunks = []
+        self._chunks.append(data)
+
+    def take_body(self) -> bytes:
+        """
+        The request body, once: C{content} is emptied, so that this
+        request (which Twisted keeps until the response is finished) no
+        longer holds it; whoever took it decides how long it lives.
+        """
+        body = self.content.getvalue()
+        self.content = io.BytesIO()
+        return body
 
     def _reject_oversize(self) -> None:
         """
@@ -306,6 +334,7 @@ class ProxyRequest(Request):
         """
         self._rejected = True
         self.content = io.BytesIO()
+        self._chunks = None
         limit = self.channel.site.max_body_bytes
         self.channel.reject(
             413,
@@ -317,6 +346,11 @@ class ProxyRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
             return
+        chunks, self._chunks = self._chunks, None
+        if chunks:
+            # BytesIO shares an initial bytes object until it is written to.
+            self.content = io.BytesIO(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            del chunks[:]
         super().requestReceived(command, path, version)
 
 
@@ -331,11 +365,34 @@ class ProxySite(Site):
     def __init__(self, resource: Resource, max_body_bytes: int, **kw: Any) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kw)
         self.max_body_bytes = max_body_bytes
+        self.open_connections = 0
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        reclaimer = getattr(self.resource, "reclaimer", None)
+        if self.open_connections == 0 and reclaimer is not None:
+            # The end of a load: every client has gone.
+            reclaimer.disconnected()
 
     def log(self, request: Request) -> None:
         # The request log of this project is its event stream; Twisted's
         # access log line would repeat it.
         pass
+
+
+def take_body(request: Request) -> bytes:
+    """
+    The request body, no longer held by the request (Twisted keeps a
+    request's C{content} until its response is finished).
+    """
+    if isinstance(request, ProxyRequest):
+        return request.take_body()
+    body = request.content.getvalue() if request.content is not None else b""
+    request.content = io.BytesIO()
+    return body
 
 
 def request_facts(request: Request, body: bytes, router: Router) -> RequestFacts:
@@ -602,8 +659,11 @@ class ProxyResource(Resource):
         hub: EventHub,
         status: Callable[[], dict[str, Any]],
         recorder: RequestLog | None = None,
+        allocator: Allocator | None = None,
     ) -> None:
         super().__init__()
+        # Freed bodies go back to the system once a load has drained.
+        self.reclaimer = Reclaimer(Allocator() if allocator is None else allocator, reactor)
         self._reactor = reactor
         self._config = config
         self._router = router
@@ -643,7 +703,9 @@ class ProxyResource(Resource):
 
     def _done(self, result: object, request: Request) -> None:
         self._active.discard(request)
+        self.reclaimer.relayed()
         if not self._active:
+            self.reclaimer.drained()
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -698,7 +760,7 @@ class ProxyResource(Resource):
         self._next_id += 1
         request_id = self._next_id
         started = self._reactor.seconds()
-        body = request.content.getvalue()
+        body: bytes | None = take_body(request)
         facts = request_facts(request, body, self._router)
         exchange = self._router.open(facts)
         gone: list[bool] = []
@@ -731,11 +793,19 @@ class ProxyResource(Resource):
                 reason=decision.reason,
                 session=facts.session_key,
             )
+            assert body is not None
             return await self._fetch(request, account, body, timeout)
 
         outcome = await self._scheduler.dispatch(
-            exchange, send, self._discard, lambda: bool(gone), streaming=lambda: _STREAM_RE.search(body) is not None
+            exchange,
+            send,
+            self._discard,
+            lambda: bool(gone),
+            streaming=lambda: body is not None and _STREAM_RE.search(body) is not None,
         )
+        # No retry can follow: the body goes now, not when the stream ends
+        # (this frame and the closures above live as long as the stream).
+        body = None
         decision, response = outcome.decision, outcome.response
         account = decision.account
         if account is None:

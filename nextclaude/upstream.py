@@ -1,20 +1,26 @@
 """
-The upstream client: one persistent connection pool and a treq client that
-keeps no cookies and follows no redirects, owned by a service.
+The upstream client: one persistent connection pool and an agent that asks
+for gzip and decodes it, keeps no cookies and follows no redirects, owned
+by a service.
 """
 
 from __future__ import annotations
 
 import re
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    ContentDecoderAgent,
+    GzipDecoder,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -94,14 +100,6 @@ MAX_PERSISTENT_PER_HOST = 128
 CONNECT_TIMEOUT = 30.0
 
 
-def _no_cookies() -> CookieJar:
-    """
-    A jar that accepts nothing: one shared jar would carry one account's
-    cookies into another account's requests.
-    """
-    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-
-
 class _QuietFactory(_HTTP11ClientFactory):
     # One "Starting factory" log line per upstream connection is noise.
     noisy = False
@@ -116,16 +114,19 @@ class BytesProducer:
     """
     Writes a body that is already in memory in one go, with its length known
     up front (treq's default producer would trickle it through a
-    cooperator).
+    cooperator), and forgets it once written: Twisted's HTTP client keeps
+    the producer as long as the response (and, through a reference cycle
+    of its parser, until a full garbage collection).
     """
 
     def __init__(self, body: bytes) -> None:
-        self._body = body
+        self._body: bytes | None = body
         self.length = len(body) if body else 0
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        if self._body:
-            consumer.write(self._body)
+        body, self._body = self._body, None
+        if body:
+            consumer.write(body)
         return succeed(None)
 
     def pauseProducing(self) -> None:
@@ -135,7 +136,7 @@ class BytesProducer:
         pass
 
     def stopProducing(self) -> None:
-        pass
+        self._body = None
 
 
 @implementer(IAgentEndpointFactory)
@@ -166,6 +167,16 @@ class UpstreamService(Service):
     """
     Owns the connection pool: created in startService, closed in
     stopService.
+
+    Requests go through Twisted's Agent with the layers of treq's client
+    that the proxy needs and none of the rest: treq's
+    C{HTTPClient.request} re-parses every URL with hyperlink (IDNA checks
+    of the host included) and runs a cookie layer, about 0.2-0.4 ms per
+    request measured on the benchmark machine (issue 12), for nothing the
+    proxy uses.  Kept: gzip asked for and decoded (treq's own layer,
+    C{ContentDecoderAgent} with C{GzipDecoder}); no cookies, as before
+    (nothing stores or adds one, so one account's can never reach
+    another's); no redirects followed (Agent never follows one); the pool.
     """
 
     name = "upstream"
@@ -174,18 +185,18 @@ class UpstreamService(Service):
         self._reactor = reactor
         self.base_url = base_url.rstrip("/")
         self._pool: HTTPConnectionPool | None = None
-        self._client: HTTPClient | None = None
+        self._agent: ContentDecoderAgent | None = None
 
     def startService(self) -> None:
         super().startService()
         self._pool = _QuietPool(self._reactor, persistent=True)
         self._pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         agent = Agent.usingEndpointFactory(self._reactor, _Endpoints(self._reactor), pool=self._pool)
-        self._client = HTTPClient(agent, cookiejar=_no_cookies())
+        self._agent = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        pool, self._pool, self._client = self._pool, None, None
+        pool, self._pool, self._agent = self._pool, None, None
         if pool is not None:
             return pool.closeCachedConnections()
         return None
@@ -201,15 +212,9 @@ class UpstreamService(Service):
         # Checked before anything else: defense in depth behind the
         # channel, which already refuses such targets with a 400.
         url = upstream_url(self.base_url, path)
-        if self._client is None:
+        if self._agent is None:
             raise RuntimeError("the upstream service is not running")
-        return self._client.request(
-            method.decode("ascii"),
-            url,
-            headers=headers,
-            data=BytesProducer(body) if body or method not in (b"GET", b"HEAD") else None,
-            allow_redirects=False,
-            unbuffered=True,
-            reactor=self._reactor,
-        )
+        producer = BytesProducer(body) if body or method not in (b"GET", b"HEAD") else None
+        # treq upper-cased the method; kept.
+        return self._agent.request(method.upper(), url, headers, producer)
 
