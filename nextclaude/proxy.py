@@ -626,6 +626,10 @@ class StreamRelay(Protocol):
         if self._request.channel is not None:
             self._request.unregisterProducer()
         clean = reason.check(ResponseDone, PotentialDataLoss) and not self.timed_out
+        # Twisted's HTTP client keeps the response (which keeps this
+        # protocol) in a reference cycle until a full garbage collection:
+        # it need not keep the client's request and the parser too.
+        self._request = self._feed = None  # type: ignore[assignment]
         self.done.callback(None if clean else reason.value)
 
 
