@@ -34,7 +34,9 @@ def _server(args: argparse.Namespace) -> int:
         config = tap.load_proxy_config(args.config, port=port, host=host, upstream=upstream, log_to=args.log_to)
         if args.log_bodies and config.log_dir is None:
             raise UsageError("--log-bodies needs a request log: give --log-to DIR or set logDir.")
-    except UsageError as error:
+        # The same early checks as under twistd, so both say the same line.
+        tap.preflight(config)
+    except (UsageError, tap.StartupRefused) as error:
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1
 
@@ -52,18 +54,14 @@ def _server(args: argparse.Namespace) -> int:
         # something there that cannot be talked to.
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1
-    except CannotListenError:
+    except CannotListenError as error:
+        # A race lost since the early check: the same one line.
         if service.control is not None:
             service.control.stopService()
         proxy = config.proxy
-        print(
-            f"nextclaude: cannot listen on {proxy.host}:{proxy.port}: the port is already in "
-            f"use, probably by another NextClaude or another program. Stop that program, "
-            f"or choose another port with --port PORT or the proxy.port field of "
-            f"{config.path}.",
-            file=sys.stderr,
-        )
+        print(f"nextclaude: {tap.listen_problem(proxy.host, proxy.port, error, config.path)}", file=sys.stderr)
         return 1
+    service.on_stop_request = lambda: _begin_stop(reactor, service)
     service.startService()
     host, bound = service.address()
     print(f"NextClaude {__version__} listening on http://{host}:{bound} with {len(config.accounts)} account(s)", flush=True)
@@ -161,8 +159,8 @@ def _console(args: argparse.Namespace) -> int:
     from nextclaude.account_commands import run_async
     from nextclaude.console.app import LogRouter, Outcome, run_console
 
-    config_path = paths.config_file(args.config)
     try:
+        config_path = _existing_config_file(args)
         socket = paths.socket_path(config_path)
     except paths.FileProblem as error:
         print(f"nextclaude: {error}", file=sys.stderr)
@@ -242,10 +240,58 @@ def _begin_stop(reactor: "Any", service: "Any") -> None:
 
 
 def _load(args: argparse.Namespace) -> "Config":
+    """
+    The config for a command that only reads it: never created or written
+    (a mistyped --config must not leave a fresh file behind); a missing or
+    broken one is a ConfigError, which main() prints as one line.
+    """
     from nextclaude import paths
-    from nextclaude.config import load_config
+    from nextclaude.config import read_config
 
-    return load_config(paths.config_file(args.config))
+    return read_config(paths.config_file(args.config))
+
+
+def _load_for_clients(args: argparse.Namespace) -> "Config":
+    """
+    The config for `env` and `run`, which hand its key to a client: a file
+    without a key has never been started, so there is nothing to point at.
+    """
+    from nextclaude.config import ConfigError
+
+    config = _load(args)
+    if not config.proxy.api_key:
+        raise ConfigError(
+            config.path, "proxy.apiKey is not set yet; `nextclaude server` generates it on its first start"
+        )
+    return config
+
+
+def _existing_config_file(args: argparse.Namespace) -> "Any":
+    """
+    The config file of a command that talks to the running proxy, which
+    must exist: a mistyped --config should be named as such, not reported
+    as "no proxy running".
+    """
+    from nextclaude import paths
+    from nextclaude.config import MISSING_CONFIG, ConfigError
+
+    path = paths.config_file(args.config)
+    if not path.exists():
+        raise ConfigError(path, MISSING_CONFIG)
+    return path
+
+
+def ask(question: str) -> str:
+    """
+    One answer typed at the terminal; end of input (Ctrl-D) is an empty
+    answer, which every question here reads as "no".  Ctrl-C is left to
+    main(), which ends the command with one line and status 130.
+    """
+    try:
+        return input(question)
+    except EOFError:
+        print(file=sys.stderr)
+        return ""
 
 
 def _token_state(account: "AccountConfig", now: float) -> str:
@@ -302,34 +348,37 @@ def _accounts(args: argparse.Namespace) -> int:
 
 def _remove(args: argparse.Namespace) -> int:
     from nextclaude import paths
-    from nextclaude.config import remove_account
+    from nextclaude.config import raw_account_names, remove_account
 
-    config = _load(args)
-    if config.account(args.name) is None:
-        names = ", ".join(a.name for a in config.accounts) or "none"
-        print(f"nextclaude: no account named {args.name!r} in {config.path} (accounts: {names})", file=sys.stderr)
+    path = paths.config_file(args.config)
+    # By name on the raw JSON: an account a hand edit broke must still be
+    # removable, and the rest of the file is not this command's business.
+    names = raw_account_names(path)
+    if args.name not in names:
+        listed = ", ".join(names) or "none"
+        print(f"nextclaude: no account named {args.name!r} in {path} (accounts: {listed})", file=sys.stderr)
         return 1
     if not args.yes:
         if not sys.stdin.isatty():
             print("nextclaude: not removing without confirmation; pass --yes", file=sys.stderr)
             return 1
-        answer = input(f"Remove account {args.name!r} from {config.path}? [y/N] ")
+        answer = ask(f"Remove account {args.name!r} from {path}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing removed.")
             return 1
-    if remove_account(paths.config_file(args.config), args.name):
+    if remove_account(path, args.name):
         print(f"Removed {args.name}. A running proxy drops it within seconds.")
         return 0
     print(f"nextclaude: {args.name!r} was already gone", file=sys.stderr)
     return 1
 
 
-def _running_snapshot(config: "Config") -> dict | None:
+def _running_snapshot(config: "Config", warn_if_absent: bool = False) -> dict | None:
     """
     The running proxy's status over its control socket, or None when no
-    proxy answers for this config.  No proxy is normal (the file's address
-    is used); a socket that fails in any other way is worth one line on
-    stderr, since the address printed may then be the wrong one.
+    proxy answers for this config.  With C{warn_if_absent}, no proxy is
+    worth one line on stderr; a socket that fails in any other way always
+    is, since the address printed may then be the wrong one.
     """
     from nextclaude import paths
     from nextclaude.control import ControlError, NotRunning, read_snapshot
@@ -337,13 +386,15 @@ def _running_snapshot(config: "Config") -> dict | None:
     try:
         return read_snapshot(paths.socket_path(config.path))
     except NotRunning:
+        if warn_if_absent:
+            print(NO_PROXY_WARNING.format(path=config.path), file=sys.stderr)
         return None
     except (ControlError, paths.FileProblem) as error:
         print(f"nextclaude: warning: {error}; using the address in {config.path}", file=sys.stderr)
         return None
 
 
-def client_environment(config: "Config", api_key_mode: bool) -> dict[str, str]:
+def client_environment(config: "Config", api_key_mode: bool, warn_if_absent: bool = False) -> dict[str, str]:
     """
     What Claude Code needs to use the proxy: the running proxy's real
     address when one answers on the control socket, else the file's.  By
@@ -352,7 +403,7 @@ def client_environment(config: "Config", api_key_mode: bool) -> dict[str, str]:
     that for ANTHROPIC_API_KEY.
     """
     host, port = config.proxy.host, config.proxy.port
-    running = _running_snapshot(config)
+    running = _running_snapshot(config, warn_if_absent)
     if running is not None:
         listen = running.get("listen") or {}
         if isinstance(listen.get("host"), str) and isinstance(listen.get("port"), int):
@@ -376,10 +427,19 @@ API_KEY_MODE_WARNING = (
 )
 
 
+NO_PROXY_WARNING = (
+    "nextclaude: warning: no NextClaude proxy is running for {path}; these point at the address in "
+    "that file. Start it with `nextclaude server` (or install it as a service: `nextclaude service install`)."
+)
+
+
 def _env(args: argparse.Namespace) -> int:
     import shlex
 
-    environment = client_environment(_load(args), args.api_key_mode)
+    config = _load_for_clients(args)
+    # The exports are printed whatever happens (shell rc files eval them);
+    # a proxy that is not there is worth one line on stderr.
+    environment = client_environment(config, args.api_key_mode, warn_if_absent=True)
     if args.api_key_mode:
         print(API_KEY_MODE_WARNING, file=sys.stderr)
     for name, value in environment.items():
@@ -391,6 +451,7 @@ def _run(args: argparse.Namespace) -> int:
     import os
     import shutil
 
+    config = _load_for_clients(args)
     claude = shutil.which("claude")
     if claude is None:
         print(
@@ -403,11 +464,30 @@ def _run(args: argparse.Namespace) -> int:
     arguments = list(args.arguments)
     if arguments[:1] == ["--"]:
         arguments = arguments[1:]
+    if not args.no_check:
+        # Claude Code retries a dead address silently for minutes: better
+        # to refuse here, in one line, than to start it at nothing.
+        from nextclaude import paths
+        from nextclaude.control import ControlError, NotRunning, read_snapshot
+
+        try:
+            read_snapshot(paths.socket_path(config.path))
+        except NotRunning:
+            print(
+                f"nextclaude: no NextClaude proxy is running for {config.path}; start it with "
+                "`nextclaude server` in another terminal (or `nextclaude service install`), "
+                "or pass --no-check to start Claude Code anyway",
+                file=sys.stderr,
+            )
+            return 1
+        except ControlError as error:
+            print(f"nextclaude: {error}; pass --no-check to start Claude Code anyway", file=sys.stderr)
+            return 1
     environment = dict(os.environ)
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
         # Either would switch Claude Code out of subscription mode.
         environment.pop(name, None)
-    environment.update(client_environment(_load(args), api_key_mode=False))
+    environment.update(client_environment(config, api_key_mode=False))
     # Replacing this process passes Claude Code's exit status (and signals)
     # straight through.
     os.execve(claude, [claude, *arguments], environment)
@@ -423,11 +503,66 @@ def _status(args: argparse.Namespace) -> int:
     from nextclaude.statusview import render_status
 
     try:
-        snapshot = read_snapshot(paths.socket_path(paths.config_file(args.config)))
+        snapshot = read_snapshot(paths.socket_path(_existing_config_file(args)))
     except (ControlError, paths.FileProblem) as error:
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1
     print(json.dumps(snapshot, indent=2) if args.json else render_status(snapshot, time.time()))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from nextclaude import paths
+    from nextclaude.control import NotRunning, stop_proxy
+
+    config_path = _existing_config_file(args)
+
+    def announce(answer: dict) -> None:
+        waiting = answer["in_flight"]
+        if waiting:
+            print(
+                f"Stopping the NextClaude proxy (pid {answer['pid']}): letting {waiting} request(s) in flight "
+                f"finish, up to {answer['grace']:g}s (longer ones are cut)…",
+                flush=True,
+            )
+        else:
+            print(f"Stopping the NextClaude proxy (pid {answer['pid']}): no requests in flight…", flush=True)
+
+    try:
+        stop_proxy(paths.socket_path(config_path), announce)
+    except NotRunning:
+        print(f"nextclaude: no NextClaude proxy is running for {config_path}; nothing to stop", file=sys.stderr)
+        return 1
+    print("Stopped: the requests in flight are done and the state is saved.")
+    return 0
+
+
+def _service(args: argparse.Namespace) -> int:
+    from nextclaude import paths, units
+    from nextclaude.config import ConfigError, read_config
+
+    config_path = paths.config_file(args.config)
+    # Always named: a service manager's environment has neither
+    # $NEXTCLAUDE_CONFIG nor the shell's $XDG_CONFIG_HOME.
+    command = units.server_command(config_path)
+    grace = 30.0
+    warning = None
+    try:
+        config = read_config(config_path)
+        grace = config.proxy.shutdown_grace
+        if not config.accounts:
+            warning = f"{config_path} has no accounts yet: the service cannot start until you add one"
+    except ConfigError as error:
+        warning = f"{error}; the service cannot start until that is fixed"
+    unit = units.render(args.kind or units.default_kind(), command, grace)
+    if args.action == "print":
+        sys.stdout.write(unit.text)
+    else:
+        done = units.install(unit)
+        print(f"{done} {unit.path}." if done != "Unchanged" else f"{unit.path} is already up to date.")
+        print(units.next_steps(unit))
+    if warning is not None:
+        print(f"nextclaude: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -468,7 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--api", action="store_true", help="add an Anthropic API key instead (read without echo)")
     login.add_argument("--manual", action="store_true", help="paste a code#state from the browser instead of a local callback")
     login.add_argument("--no-browser", action="store_true", help="only print the URL; do not try to open a browser")
+    login.add_argument(
+        "--key-stdin", action="store_true", help="with --api: read the key from standard input, without a prompt"
+    )
     login.add_argument("--name", help="the account's name (default: its e-mail address)")
+    login.add_argument(
+        "--replace", action="store_true", help="replace an account of the other type that has this --name"
+    )
     login.set_defaults(handler=_login)
 
     import_ = commands.add_parser("import", help="import the account Claude Code is logged in with")
@@ -481,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--json", metavar="JSON", help="the credentials as JSON text (flat or nested)")
     import_.add_argument("--name", help="the account's name (default: its e-mail address)")
+    import_.add_argument(
+        "--replace", action="store_true", help="replace an API-key account that has this --name"
+    )
     import_.set_defaults(handler=_import)
 
     accounts = commands.add_parser("accounts", help="list the accounts with their tier and token status")
@@ -501,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(handler=_env)
 
     run = commands.add_parser("run", help="launch Claude Code pointed at the proxy")
+    run.add_argument(
+        "--no-check", action="store_true", help="start Claude Code even when no proxy answers for this config"
+    )
     run.add_argument("arguments", nargs=argparse.REMAINDER, metavar="-- ARGS", help="arguments for claude")
     run.set_defaults(handler=_run)
 
@@ -510,6 +657,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print the running proxy's quota and cache statistics")
     status.add_argument("--json", action="store_true", help="print the status endpoint's JSON instead")
     status.set_defaults(handler=_status)
+
+    stop = commands.add_parser("stop", help="stop the running proxy gracefully (it lets requests in flight finish)")
+    stop.set_defaults(handler=_stop)
+
+    service = commands.add_parser(
+        "service", help="print or install a systemd user unit (Linux) or launchd agent (macOS) for this install"
+    )
+    service.add_argument(
+        "action", choices=("print", "install"), metavar="print|install", help="print it, or write it where it belongs"
+    )
+    service.add_argument(
+        "--kind", choices=("systemd", "launchd"), help="the service manager (default: launchd on macOS, else systemd)"
+    )
+    service.set_defaults(handler=_service)
 
     demo = commands.add_parser(
         "demo", help="run the whole system against a built-in simulated upstream (no account needed)"
@@ -522,18 +683,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """
+    C{parser.parse_args}, except that words a subcommand does not take are
+    reported with that subcommand's usage (argparse leaves them to the
+    top-level parser, whose usage does not help: `remove a b`).
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = getattr(args, "command", None)
+        sub = _subcommand_parser(parser, command) if command else None
+        # Words before the command belong to the top level (`nextclaude --bogus accounts`).
+        before = list(argv)[: list(argv).index(command)] if command in argv else []
+        if sub is None or any(word in before for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        # A bare `nextclaude` is someone finding their way: show the way.
+        parser.print_help()
+        return 0
+    args = parse_arguments(parser, argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except KeyboardInterrupt:
+        # Ctrl-C at a prompt: one line, the shell's usual status for it.
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        print("nextclaude: interrupted", file=sys.stderr)
+        return 130
     except Exception as error:
-        # Any control-channel failure a command did not handle itself is
-        # still one line for the user, never a traceback.
+        # A user's error (a broken or missing file, a control channel that
+        # failed) is one line naming the file or socket, never a traceback.
         from nextclaude.control import ControlError
+        from nextclaude.credentials import CredentialsError
+        from nextclaude.paths import FileProblem
 
-        if not isinstance(error, ControlError):
+        if not isinstance(error, (ControlError, FileProblem, CredentialsError)):
             raise
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1

@@ -487,6 +487,50 @@ def _has_api_key(data: dict[str, Any]) -> bool:
     return isinstance(proxy, dict) and bool(proxy.get("apiKey"))
 
 
+#: Completes "PATH: " when a command that only reads the config finds none.
+MISSING_CONFIG = (
+    "does not exist. `nextclaude login` or `nextclaude import` creates it with your first "
+    "account; if you meant another file, check --config and $NEXTCLAUDE_CONFIG"
+)
+
+
+def read_config(path: Path) -> Config:
+    """Read and validate the config without ever writing it.
+
+    For the commands that only look (``accounts``, ``env``, ``run``,
+    ``service``): a mistyped ``--config`` must not leave a directory and a
+    fresh config with a new key behind, so a missing file is a
+    ``ConfigError`` saying so, and a file without a client key is read as
+    it is (``proxy.apiKey`` empty).
+    """
+    try:
+        data = config_store(path).read()
+    except StoreError as e:
+        raise ConfigError(e.path, e.problem) from None
+    if data is None:
+        raise ConfigError(path, MISSING_CONFIG)
+    return parse_config(data, path)
+
+
+def raw_account_names(path: Path) -> list[str]:
+    """The names in the file's ``accounts`` array, without validating anything else.
+
+    ``remove`` works from these, so that an account broken by a hand edit
+    (exactly when a user wants it gone) can still be removed. A file that is
+    missing or not JSON at all is a ``ConfigError``.
+    """
+    try:
+        data = config_store(path).read()
+    except StoreError as e:
+        raise ConfigError(e.path, e.problem) from None
+    if data is None:
+        raise ConfigError(path, MISSING_CONFIG)
+    accounts = data.get("accounts") if isinstance(data, dict) else None
+    if not isinstance(accounts, list):
+        return []
+    return [a["name"] for a in accounts if isinstance(a, dict) and isinstance(a.get("name"), str)]
+
+
 def load_config(path: Path, create: bool = True) -> Config:
     """Read the config, creating it on first run and giving it a client key if it has none.
 

@@ -176,6 +176,20 @@ class SocketError(ControlError):
         super().__init__(f"could not talk to the NextClaude proxy on the control socket {path}: {reason}")
 
 
+class StopOverran(ControlError):
+    """
+    The proxy was asked to stop but its control socket was still open
+    after the longest its stop can take.
+    """
+
+    def __init__(self, path: Path | str, waited: float) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"the NextClaude proxy on {path} was asked to stop but had not stopped after {waited:g}s; "
+            "see its log for what it waits on"
+        )
+
+
 class SocketPathProblem(paths.FileProblem, ControlError):
     """
     The control socket path holds something we must not replace (or may
@@ -377,6 +391,27 @@ class Reload(amp.Command):
     errors = dict(_ACCOUNT_ERRORS)
 
 
+class Stop(amp.Command):
+    """
+    Stop the proxy gracefully, as its first SIGTERM would: accept nothing
+    new, let the requests in flight finish (up to C{proxy.shutdownGrace}),
+    save the state, and end the process.  Answers at once with what the
+    stop waits for (C{in_flight} requests, up to C{grace} seconds; the
+    whole stop ends within C{bound} seconds) and the proxy's C{pid}; the
+    connection then stays open until the proxy closes its control socket,
+    after the drain, which is how a client knows the stop is done.
+    """
+
+    arguments = []  # type: ignore[var-annotated]
+    response = [
+        (b"in_flight", amp.Integer()),
+        (b"grace", amp.Float()),
+        (b"bound", amp.Float()),
+        (b"pid", amp.Integer()),
+    ]
+    errors = dict(_ALWAYS)
+
+
 # -- what the server needs from the proxy ---------------------------------------
 
 
@@ -414,6 +449,13 @@ class ControlledProxy(Protocol):
     accounts: Accounts
 
     def status(self) -> dict[str, Any]: ...
+
+    def request_stop(self) -> dict[str, Any]:
+        """
+        Begin a graceful stop once the current call has returned (so the
+        answer still goes out); return L{Stop}'s answer: in_flight, grace,
+        bound, pid.
+        """
 
 
 Reloader = Callable[[], "tuple[list[str], list[str]]"]
@@ -580,6 +622,14 @@ class ControlServerProtocol(_QuietAMP):
             self._log.failure("pinning {account} failed", account=account)
             raise CommandFailed("the proxy could not change the pin; see its log")
         return {}
+
+    @Stop.responder
+    def stop(self) -> dict[str, Any]:
+        try:
+            return dict(self._proxy.request_stop())
+        except Exception:
+            self._log.failure("stopping on request failed")
+            raise CommandFailed("the proxy could not begin to stop; see its log")
 
     @AddAccount.responder
     async def add_account(
@@ -864,6 +914,56 @@ def read_snapshot(socket_path: Path | str, timeout: float = CLIENT_TIMEOUT) -> d
         error becomes one of these.
     """
     return _ask_blocking(Path(socket_path), Snapshot, timeout)["snapshot"]
+
+
+def stop_proxy(
+    socket_path: Path | str,
+    on_answer: Callable[[dict[str, Any]], None],
+    timeout: float = CLIENT_TIMEOUT,
+    margin: float = 2.0,
+) -> dict[str, Any]:
+    """
+    Ask the proxy on C{socket_path} to stop (L{Stop}), call C{on_answer}
+    with its answer, then wait until the proxy closes the connection (its
+    control socket closes after the drain), at most the answer's C{bound}
+    plus C{margin} seconds.  Blocking; for `nextclaude stop`.
+
+    @raise NotRunning: no proxy listens there.
+    @raise StopOverran: it did not stop in time.
+    @raise ControlError: as L{read_snapshot}.
+    """
+    path = Path(socket_path)
+    connecting = True
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            connecting = False
+            box = _exchange(path, sock, Stop, timeout)
+            if amp.ERROR in box:
+                raise CommandFailed(box.get(amp.ERROR_DESCRIPTION, b"").decode("utf-8", "replace"))
+            try:
+                answer = Stop.parseResponse(box, None)
+            except Exception:
+                raise BadAnswer(path) from None
+            on_answer(answer)
+            waited = float(answer["bound"]) + margin
+            deadline = time.monotonic() + waited
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StopOverran(path, waited)
+                sock.settimeout(remaining)
+                try:
+                    if not sock.recv(65536):
+                        break
+                except socket.timeout:
+                    raise StopOverran(path, waited) from None
+                except (ConnectionResetError, BrokenPipeError):
+                    break
+    except OSError as error:
+        raise _control_error(path, error, timeout, connecting) from None
+    return answer
 
 
 def claim_socket_path(path: Path, timeout: float = PROBE_TIMEOUT) -> None:

@@ -163,10 +163,13 @@ def read_default(
             return source, read_credentials(source, platform=platform, runner=runner)
         except CredentialsError as e:
             problems.append(e)
+    # Only here, where no source was named, is "pass --from" the way out;
+    # `import --from PATH` on a missing PATH just says it does not exist.
+    hint = " (log in to Claude Code first, or pass --from / --json)"
     if len(problems) == 1:
-        raise problems[0]
+        raise CredentialsError(problems[0].where, problems[0].problem + hint)
     raise CredentialsError(
-        " and ".join(p.where for p in problems), "; ".join(p.problem for p in problems)
+        " and ".join(p.where for p in problems), "; ".join(p.problem for p in problems) + hint
     )
 
 
@@ -253,7 +256,7 @@ def _read_file(path: Path) -> Any:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise CredentialsError(where, "does not exist (log in to Claude Code first, or pass --from / --json)") from None
+        raise CredentialsError(where, "does not exist") from None
     except OSError as e:
         raise CredentialsError(where, f"cannot be read: {e.strerror or e}") from None
     try:

@@ -666,7 +666,7 @@ async def login(
     manual: bool,
     announce: Callable[[str], None],
     lines: Lines,
-    open_browser: Callable[[str], bool],
+    open_browser: Callable[[str], bool] | None,
     timeout: float = LOGIN_TIMEOUT,
 ) -> TokenSet:
     """Log in through the browser (PKCE) and return the new grant's tokens.
@@ -677,6 +677,8 @@ async def login(
     the login. The pending ``lines()`` Deferred is cancelled when the login
     ends. Default flow: a loopback server on 127.0.0.1 (free port) plus the
     terminal; ``manual``: the platform's code page and a pasted ``code#state``.
+    ``open_browser`` None means the user asked for no browser (``--no-browser``):
+    then nothing claims that one could not be opened.
     Raises ``OAuthError`` (``timeout`` after ``timeout`` seconds).
     """
     verifier, challenge = new_pkce()
@@ -693,11 +695,16 @@ async def login(
 
     announce(f"Open this URL in a browser to log in:\n\n  {url}\n")
     try:
-        opened = bool(open_browser(url))
+        opened = bool(open_browser(url)) if open_browser is not None else False
     except Exception:
         opened = False
     if manual:
         announce("After approving, copy the code the page shows (it looks like code#state) and paste it here:")
+    elif open_browser is None:
+        announce(
+            "Open it in a browser; this waits for the browser to come back. If it cannot reach this "
+            "machine (e.g. over SSH), paste the address it ends up on, or the code, here:"
+        )
     elif opened:
         announce(
             "Waiting for the browser to come back. If it cannot reach this machine (e.g. over SSH), "

@@ -234,6 +234,26 @@ class ProxyService(MultiService):
     # What the stop in progress still waits for, and how many times over
     # (for the give-up message).
     _stop_pending: dict[str, int]
+    #: What a stop asked for over the control socket (`nextclaude stop`)
+    #: runs.  The entry points (`nextclaude server`, twistd) set it to stop
+    #: the reactor, which stops this service on its way out and ends the
+    #: process; by default (embedded, tests) this service alone stops.
+    on_stop_request: Any = None
+
+    def request_stop(self) -> dict[str, Any]:
+        """
+        Begin a graceful stop on the next turn of the reactor (the caller's
+        answer goes out first); what it will wait for.
+        """
+        import os
+
+        self.reactor.callLater(0, self.on_stop_request or self.stopService)
+        return {
+            "in_flight": self.resource.in_flight(),
+            "grace": float(self.config.proxy.shutdown_grace),
+            "bound": float(self.stop_bound()),
+            "pid": os.getpid(),
+        }
 
     def stopService(self) -> Deferred[None]:
         # The console's quit and the reactor's shutdown may both ask; the

@@ -4,6 +4,11 @@ The twistd plugin's options and service: `twistd -n nextclaude`.
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,7 +67,117 @@ def load_proxy_config(
         raise usage.UsageError(str(error))
     if not config.accounts:
         raise usage.UsageError(NO_ACCOUNTS_MESSAGE.format(path=path))
+    if config.log_dir is not None:
+        check_log_dir(config.log_dir, "--log-to" if log_to is not None else f"{path}: logDir")
     return config
+
+
+def check_log_dir(directory: Path, named: str) -> None:
+    """
+    Make sure the request log's directory exists (created 0700, as the
+    log would) and can be written, or raise a UsageError naming where it
+    was given (C{named}: the flag, or the file and field) and the system's
+    reason; the log itself would otherwise fail with a traceback later.
+    """
+    try:
+        paths.ensure_private_dir(directory)
+        if not directory.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise usage.UsageError(f"{named} {directory}: cannot be used for the request log: {reason}.") from None
+
+
+def listen_problem(host: str, port: int, error: BaseException, config_path: Path) -> str:
+    """
+    Why the proxy cannot listen on C{host}:C{port}, in one line, from the
+    system's own error (C{CannotListenError.socketError} or an OSError):
+    in use, not an address of this machine, permission denied, unknown
+    host; each with what to change.
+    """
+    cause = getattr(error, "socketError", error)
+    where = f"cannot listen on {host}:{port}"
+    other_port = f"choose another port with --port PORT or the proxy.port field of {config_path}"
+    other_host = f"choose another with --host HOST or the proxy.host field of {config_path}"
+    if isinstance(cause, socket.gaierror):
+        return f"{where}: {host!r} is not a host name or address this machine can resolve ({cause.strerror}); {other_host}."
+    number = getattr(cause, "errno", None)
+    if number == errno.EADDRINUSE:
+        return (
+            f"{where}: the port is already in use, probably by another NextClaude or another program. "
+            f"Stop that program, or {other_port}."
+        )
+    if number == errno.EADDRNOTAVAIL:
+        return (
+            f"{where}: {host} is not an address of this machine (127.0.0.1 serves this machine only); "
+            f"{other_host}."
+        )
+    if number == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges); {other_port}."
+    reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+    return f"{where}: {reason}."
+
+
+def probe_listen(host: str, port: int) -> OSError | None:
+    """
+    Bind C{host}:C{port} as the proxy will (same family choice and
+    SO_REUSEADDR as Twisted's TCP port) and let it go: the system's error,
+    or None.  An early check only; the real bind can still lose a race.
+    """
+    from twisted.internet.abstract import isIPv6Address
+
+    family = socket.AF_INET6 if isIPv6Address(host) else socket.AF_INET
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        return error
+    try:
+        if os.name == "posix":
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        probe.listen(1)
+    except OSError as error:
+        return error
+    finally:
+        probe.close()
+    return None
+
+
+class StartupRefused(Exception):
+    """
+    The proxy cannot start, for a reason one line tells the user.
+    """
+
+
+def preflight(config: Config) -> None:
+    """
+    What can be checked before the proxy starts (under twistd: before it
+    forks, while its output still reaches the user): the listening
+    address and the control socket (no other proxy on this config).
+    Raises L{StartupRefused}.
+    """
+    from nextclaude.control import ControlError, claim_socket_path
+
+    failure = probe_listen(config.proxy.host, config.proxy.port)
+    if failure is not None:
+        raise StartupRefused(listen_problem(config.proxy.host, config.proxy.port, failure, config.path))
+    try:
+        claim_socket_path(paths.socket_path(config.path))
+    except (ControlError, paths.FileProblem) as error:
+        raise StartupRefused(str(error)) from None
+
+
+def refuse(message: str) -> None:
+    """
+    End the process at once with C{message} as one line and status 1.
+    For twistd, whose own reporting of a UsageError is its whole usage text
+    (blaming whatever option came last) and of a later failure a traceback.
+    """
+    sys.stderr.write(f"nextclaude: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
 
 
 class Options(usage.Options):
@@ -84,15 +199,22 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        self.config = load_proxy_config(
-            self["config"],
-            port=self["port"],
-            host=self["host"],
-            upstream=self["upstream"],
-            log_to=self["log-to"],
-        )
-        if self["log-bodies"] and self.config.log_dir is None:
-            raise usage.UsageError("--log-bodies needs a request log: give --log-to DIR or set logDir.")
+        # Every check that can fail runs here, before twistd forks: a
+        # daemon's own errors never reach the terminal it was started from.
+        # (DESIGN's "acquire in startService" still holds: these only look.)
+        try:
+            self.config = load_proxy_config(
+                self["config"],
+                port=self["port"],
+                host=self["host"],
+                upstream=self["upstream"],
+                log_to=self["log-to"],
+            )
+            if self["log-bodies"] and self.config.log_dir is None:
+                raise usage.UsageError("--log-bodies needs a request log: give --log-to DIR or set logDir.")
+            preflight(self.config)
+        except (usage.UsageError, StartupRefused) as error:
+            refuse(str(error))
 
 
 def makeService(options: Options) -> MultiService:
@@ -109,4 +231,8 @@ def makeService(options: Options) -> MultiService:
             upstream=options["upstream"],
             log_to=options["log-to"],
         )
-    return ProxyService(reactor, config, log_bodies=bool(options["log-bodies"]))
+    service = ProxyService(reactor, config, log_bodies=bool(options["log-bodies"]))
+    # `nextclaude stop` ends the daemon as SIGTERM would: twistd stops the
+    # application (this service, gracefully) as the reactor shuts down.
+    service.on_stop_request = reactor.stop
+    return service

@@ -15,6 +15,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fake_oauth import FakeOAuthServer, serve
 from tests.support import spawn_nextclaude, write_config
+from tests.test_everyday import spawn_in_pty
 
 
 class AccountCommandTests(TestCase):
@@ -123,11 +124,12 @@ class AccountCommandTests(TestCase):
 
     async def test_login_via_loopback_callback(self) -> None:
         """
-        The default login listens on a loopback port: the browser's
-        redirect there completes it and the browser is sent on to the
-        success page.
+        The default login (run on a terminal) listens on a loopback port:
+        the browser's redirect there completes it and the browser is sent
+        on to the success page.
         """
-        watcher = spawn_nextclaude(self, "--config", str(self.config), "login", "--no-browser")
+        # On a terminal of its own: without one, login refuses at once.
+        watcher = spawn_in_pty(self, "--config", str(self.config), "login", "--no-browser")
         url = (await watcher.line_matching(rb"(http://127\.0\.0\.1:\d+/oauth/authorize\?\S+)")).group(1).decode()
         callback = self.fake.approve(url).replace("localhost", "127.0.0.1")
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -140,15 +142,17 @@ class AccountCommandTests(TestCase):
 
     async def test_login_api_key_shape_checked(self) -> None:
         """
-        `login --api` refuses something that is not an Anthropic key and
-        adds one that is, without echoing it.
+        `login --api --key-stdin` refuses something that is not an
+        Anthropic key and adds one that is, without echoing it.
         """
-        code, output = await self.nextclaude("login", "--api", stdin=b"hello\n")
+        code, output = await self.nextclaude("login", "--api", "--key-stdin", stdin=b"hello\n")
         self.assertEqual(code, 1)
         self.assertIn("sk-ant-", output)
         self.assertEqual(self.accounts(), [])
         key = "sk-ant-api03-" + "k" * 40
-        code, output = await self.nextclaude("login", "--api", "--name", "work-key", stdin=key.encode() + b"\n")
+        code, output = await self.nextclaude(
+            "login", "--api", "--key-stdin", "--name", "work-key", stdin=key.encode() + b"\n"
+        )
         self.assertEqual(code, 0, output)
         self.assertNotIn(key, output)
         [account] = self.accounts()

@@ -80,14 +80,62 @@ class ArgumentTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn("nextclaude server", err)
 
-    def test_command_is_required(self) -> None:
+    def test_command_is_required_after_global_options(self) -> None:
         """
-        `nextclaude` without a command is a usage error (exit status 2).
+        Global options without a command are a usage error (exit status 2);
+        only a bare `nextclaude` prints the help (tests.test_everyday).
         """
         self.patch(sys, "stderr", io.StringIO())
         with self.assertRaises(SystemExit) as raised:
-            main([])
+            main(["--config", "x.json"])
         self.assertEqual(raised.exception.code, 2)
+
+    def test_listen_problems_name_the_real_cause(self) -> None:
+        """
+        The line for an address the proxy cannot listen on comes from the
+        system's error: in use (naming proxy.port), not an address of this
+        machine (naming proxy.host), permission denied, an unknown host
+        name, anything else in the system's words.
+        """
+        import errno
+        import socket
+
+        from twisted.internet.error import CannotListenError
+
+        from nextclaude.tap import listen_problem
+
+        config = Path("/c/config.json")
+
+        def line(error: BaseException) -> str:
+            return listen_problem("10.9.9.9", 3456, CannotListenError("10.9.9.9", 3456, error), config)
+
+        in_use = line(OSError(errno.EADDRINUSE, "Address already in use"))
+        self.assertIn("already in use", in_use)
+        self.assertIn("proxy.port field of /c/config.json", in_use)
+        absent = line(OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
+        self.assertIn("10.9.9.9 is not an address of this machine", absent)
+        self.assertIn("proxy.host", absent)
+        self.assertNotIn("in use", absent)
+        denied = line(OSError(errno.EACCES, "Permission denied"))
+        self.assertIn("permission denied", denied)
+        unknown = line(socket.gaierror(-2, "Name or service not known"))
+        self.assertIn("not a host name or address", unknown)
+        other = line(OSError(errno.EINVAL, "Invalid argument"))
+        self.assertIn("cannot listen on 10.9.9.9:3456: Invalid argument", other)
+        for text in (in_use, absent, denied, unknown, other):
+            self.assertEqual(len(text.splitlines()), 1)
+
+    def test_host_not_of_this_machine(self) -> None:
+        """
+        `server --host` with an address no interface has (TEST-NET-1) exits
+        1 with one line saying so, not that the port is in use.
+        """
+        config = write_config(self, 9)
+        code, err = self.run_main("--config", str(config), "server", "--no-console", "--host", "192.0.2.1")
+        self.assertEqual(code, 1)
+        self.assertIn("192.0.2.1 is not an address of this machine", err)
+        self.assertNotIn("in use", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
 
 
 class ServerProcessTests(TestCase):
@@ -232,7 +280,9 @@ class AccountCommandTests(SynchronousTestCase):
                 f"export ANTHROPIC_CUSTOM_HEADERS='x-nextclaude-key: {PROXY_KEY}'",
             ],
         )
-        self.assertEqual(err, "")
+        # No proxy runs for this config: said once, on stderr only.
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("no NextClaude proxy is running", err)
         code, out, err = self.run_main("--config", str(config), "env", "--api-key-mode")
         self.assertIn(f"export ANTHROPIC_API_KEY={PROXY_KEY}", out)
         self.assertNotIn("CUSTOM_HEADERS", out)
@@ -262,6 +312,7 @@ class RunCommandTests(TestCase):
             "--config",
             str(config),
             "run",
+            "--no-check",
             "--",
             "-p",
             "hello",
@@ -272,6 +323,46 @@ class RunCommandTests(TestCase):
             record.read_text().splitlines(),
             ["-p hello", "http://127.0.0.1:3456", f"x-nextclaude-key: {PROXY_KEY}", "unset"],
         )
+
+    async def test_run_refuses_without_a_proxy(self) -> None:
+        """
+        With no proxy running for the config, `run` does not start claude:
+        one line naming `nextclaude server` and --no-check, exit status 1.
+        """
+        config = _accounts_config(self)
+        bin_dir = Path(self.mktemp()).absolute()
+        bin_dir.mkdir()
+        record = bin_dir / "ran"
+        fake = bin_dir / "claude"
+        fake.write_text(f"#!/bin/sh\ntouch {record}\n")
+        fake.chmod(0o755)
+        watcher = spawn_nextclaude(self, "--config", str(config), "run", extra_env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+        self.assertEqual((await watcher.ended).exitCode, 1)
+        err = watcher.err.decode()
+        self.assertIn("no NextClaude proxy is running", err)
+        self.assertIn("nextclaude server", err)
+        self.assertIn("--no-check", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertFalse(record.exists())
+
+    async def test_run_with_a_proxy_running(self) -> None:
+        """
+        With the proxy running (its control socket answering), `run` starts
+        claude pointed at the proxy's real address.
+        """
+        from tests.support import start_proxy
+
+        config = write_config(self, 9)
+        service, url = start_proxy(self, config)
+        bin_dir = Path(self.mktemp()).absolute()
+        bin_dir.mkdir()
+        record = bin_dir / "record.txt"
+        fake = bin_dir / "claude"
+        fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$ANTHROPIC_BASE_URL" > {record}\n')
+        fake.chmod(0o755)
+        watcher = spawn_nextclaude(self, "--config", str(config), "run", extra_env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+        self.assertEqual((await watcher.ended).exitCode, 0, watcher.output)
+        self.assertEqual(record.read_text().splitlines(), [url])
 
     async def test_run_without_claude_says_so(self) -> None:
         """
@@ -366,14 +457,16 @@ class ControlFailureTests(SynchronousTestCase):
             self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:3456", out)
             self.assert_one_line(err, "warning", expected, str(self.config))
 
-    def test_env_without_a_proxy_is_quiet(self) -> None:
+    def test_env_without_a_proxy_warns(self) -> None:
         """
-        `env` with no proxy at all (no socket) prints the file's address
-        and nothing on stderr: that is the normal case.
+        `env` with no proxy at all (no socket) still prints the exports
+        from the file, exit status 0 (shell rc files rely on it), and one
+        warning line on stderr naming the config and how to start a proxy.
         """
         code, out, err = self.run_main("env")
         self.assertEqual(code, 0)
-        self.assertEqual(err, "")
+        self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:3456", out)
+        self.assert_one_line(err, "warning", "no NextClaude proxy is running", str(self.config), "nextclaude server")
 
     def test_unhandled_control_error_is_one_line(self) -> None:
         """
@@ -390,3 +483,59 @@ class ControlFailureTests(SynchronousTestCase):
         code, _, err = self.run_main("accounts")
         self.assertEqual(code, 1)
         self.assert_one_line(err, "closed the connection before answering")
+
+
+class StopCommandTests(TestCase):
+    def test_nothing_to_stop(self) -> None:
+        """
+        `stop` with no proxy running for the config says so in one line
+        and exits 1.
+        """
+        config = write_config(self, 9)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.patch(sys, "stdout", io.StringIO())
+        self.assertEqual(main(["--config", str(config), "stop"]), 1)
+        self.assertIn("no NextClaude proxy is running", err.getvalue())
+        self.assertIn("nothing to stop", err.getvalue())
+        self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
+
+    async def test_stop_waits_for_the_drain_and_says_so(self) -> None:
+        """
+        `stop` against a proxy with a stream in flight says it lets one
+        request finish (with the grace), waits while the stream is held
+        (the proxy no longer accepts), and once the stream completes
+        reports the stop and exits 0; the client got the whole stream.
+        """
+        from tests.support import FakeUpstream, holding_stream, listen, message_end, open_stream, start_proxy
+
+        upstream = FakeUpstream(holding_stream)
+        config = write_config(self, listen(self, upstream))
+        service, url = start_proxy(self, config)
+        collector, seen = await open_stream(self, url, upstream)
+        watcher = spawn_nextclaude(self, "--config", str(config), "stop")
+        await watcher.line_matching(rb"letting 1 request\(s\) in flight finish, up to 30s")
+        # The control socket stays open until the drain is over, so the
+        # command cannot have ended while the stream is held.
+        self.assertFalse(watcher.ended.called)
+        self.assertIsNone(service.listener.port)
+        seen.request.write(message_end())
+        seen.request.finish()
+        reason = await watcher.ended
+        self.assertEqual(reason.exitCode, 0, watcher.output)
+        self.assertIn("Stopped", watcher.out.decode())
+        await collector.done
+        self.assertIn(b"message_stop", collector.body)
+
+    async def test_stop_ends_a_server_process(self) -> None:
+        """
+        `stop` ends a `nextclaude server` process: the server exits 0 after
+        saving its state, and `stop` exits 0.
+        """
+        config = write_config(self, 9)
+        server = spawn_nextclaude(self, "--config", str(config), "server", "--port", "0", "--no-console")
+        await server.line_matching(rb"listening on http://127\.0\.0\.1:\d+")
+        stopper = spawn_nextclaude(self, "--config", str(config), "stop")
+        self.assertEqual((await stopper.ended).exitCode, 0, stopper.output)
+        self.assertEqual((await server.ended).exitCode, 0, server.output)
+        self.assertIn("alice", json.loads((config.parent / "state.json").read_text())["accounts"])

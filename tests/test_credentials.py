@@ -149,10 +149,19 @@ class ReadTests(SynchronousTestCase):
         self.assertIn("is empty", str(self.assertRaises(CredentialsError, from_json_text, "  ")))
 
     def test_missing_file(self) -> None:
-        """A missing file says so and how to fix it."""
+        """
+        A missing file named by the user (`import --from PATH`) says it
+        does not exist, without suggesting the --from that was given; when
+        no default source exists, the error says how to fix it.
+        """
         error = self.assertRaises(CredentialsError, read_credentials, str(self.path))
         self.assertIn("does not exist", str(error))
-        self.assertIn("log in to Claude Code", str(error))
+        self.assertNotIn("--from", str(error))
+        error = self.assertRaises(
+            CredentialsError, read_default, {"CLAUDE_CONFIG_DIR": str(self.path.parent)}, platform="linux"
+        )
+        self.assertIn("does not exist", str(error))
+        self.assertIn("log in to Claude Code first, or pass --from / --json", str(error))
 
     def test_repr_hides_tokens(self) -> None:
         """ImportedCredentials' repr shows no token."""

@@ -5,8 +5,11 @@ Tests for the twistd plugin: discovery, option validation, and a real
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nextclaude import tap
 from nextclaude.simulate import SimulatedAnthropic, listen_simulator, simulated_accounts, stop_simulator
-from tests.support import PROXY_KEY, ProcessWatcher, auth, client, spawn, write_config
+from tests.support import PROXY_KEY, ProcessWatcher, auth, client, spawn, start_proxy, write_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,31 +105,72 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.path, self.config_path.absolute())
         self.assertEqual([account.name for account in config.accounts], ["alice", "bob"])
 
+    def refused(self, *args: str) -> str:
+        """
+        Parse C{args}, which must end the process with status 1 (twistd
+        would otherwise print its whole usage, or fork first); what it
+        wrote on stderr.
+        """
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        with self.assertRaises(SystemExit) as raised:
+            self.parse(*args)
+        self.assertEqual(raised.exception.code, 1)
+        self.assertTrue(err.getvalue().startswith("nextclaude: "), err.getvalue())
+        self.assertNotIn("Traceback", err.getvalue())
+        return err.getvalue()
+
     def test_no_accounts_says_how_to_add_one(self) -> None:
         """
-        A config file without accounts is a UsageError naming the file and
-        saying how to add an account (nextclaude login / import).
+        A config file without accounts ends the process with status 1 and
+        the message naming the file and saying how to add an account
+        (nextclaude login / import).
         """
         self.config_path.write_text(
             json.dumps({"proxy": {"port": 3456, "host": "127.0.0.1", "apiKey": PROXY_KEY}, "accounts": []})
         )
-        error = self.assertRaises(usage.UsageError, self.parse)
-        message = str(error)
+        message = self.refused("--port", "0")
         self.assertIn(str(self.config_path), message)
         self.assertIn("nextclaude login", message)
         self.assertIn("nextclaude import", message)
 
     def test_broken_config_is_named_and_left_alone(self) -> None:
         """
-        A config file that is not valid JSON is a UsageError naming the
-        file, and the file's bytes are exactly as they were.
+        A config file that is not valid JSON ends the process with status 1
+        and one line naming the file; the file's bytes are exactly as they
+        were.
         """
         broken = b'{"proxy": {"port": 3456,\n  "accounts": [ oops'
         self.config_path.write_bytes(broken)
-        error = self.assertRaises(usage.UsageError, self.parse, "--port", "0")
-        self.assertIn(str(self.config_path), str(error))
+        message = self.refused("--port", "0")
+        self.assertIn(str(self.config_path), message)
+        self.assertEqual(len(message.strip().splitlines()), 1)
         self.assertEqual(self.config_path.read_bytes(), broken)
         self.assertFalse((self.config_path.parent / "state.json").exists())
+
+    def test_checks_before_the_fork(self) -> None:
+        """
+        Option parsing (before twistd forks) refuses, in the same one line
+        as `nextclaude server` and with status 1: a port in use, a host
+        that is not this machine's, a request log directory that cannot be
+        made.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        message = self.refused("--port", str(port))
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}: the port is already in use", message)
+        self.assertEqual(len(message.strip().splitlines()), 1)
+        message = self.refused("--port", "0", "--host", "192.0.2.1")
+        self.assertIn("192.0.2.1 is not an address of this machine", message)
+        blocker = Path(self.mktemp()).absolute()
+        blocker.write_text("")
+        message = self.refused("--port", "0", "--log-to", str(blocker / "logs"))
+        self.assertIn("--log-to", message)
+        self.assertIn("Not a directory", message)
+
 
 
 def twistd_command() -> list[str]:
@@ -216,7 +260,8 @@ class TwistdTests(TestCase):
         self.assertIsInstance(reason, ProcessTerminated, watcher.output)
         self.assertNotEqual(reason.exitCode, 0, watcher.output)
         self.assertIn(f"127.0.0.1:{port}", watcher.output)
-        self.assertIn("Address already in use", watcher.output)
+        self.assertIn("already in use", watcher.output)
+        self.assertNotIn("Traceback", watcher.output)
 
     async def test_config_without_accounts_exits_with_advice(self) -> None:
         """
@@ -231,3 +276,87 @@ class TwistdTests(TestCase):
         self.assertIn("nextclaude login", watcher.output)
         self.assertIn(str(config_path), watcher.output)
         self.assertNotIn("starting on", watcher.output)
+
+
+class TwistdPreForkTests(TestCase):
+    """
+    Under twistd, every start-up problem that can be seen before the fork
+    is one line and status 1, in daemon mode too.
+    """
+
+    def daemon(self, *plugin_args: str) -> ProcessWatcher:
+        # Daemon mode: were the checks after the fork, the parent would
+        # exit 0 and the error would be lost (or a truncated repr).
+        run = Path(self.mktemp()).absolute()
+        run.mkdir()
+        return spawn(
+            self,
+            [
+                *twistd_command(),
+                f"--pidfile={run / 'twistd.pid'}",
+                f"--logfile={run / 'twistd.log'}",
+                "nextclaude",
+                *plugin_args,
+            ],
+        )
+
+    async def assert_refused(self, watcher: ProcessWatcher, *expected: str) -> None:
+        reason = await watcher.ended
+        self.assertEqual(reason.exitCode, 1, watcher.output)
+        err = watcher.err.decode()
+        self.assertEqual(watcher.out, b"")
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith("nextclaude: "), err)
+        self.assertNotIn("Usage:", err)
+        for text in expected:
+            self.assertIn(text, err)
+
+    async def test_port_in_use(self) -> None:
+        """
+        A port in use: one line naming the address and the real cause.
+        """
+        taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        watcher = self.daemon("--config", str(write_valid_config(self)), "--port", str(port))
+        await self.assert_refused(watcher, f"127.0.0.1:{port}", "already in use")
+
+    async def test_broken_config(self) -> None:
+        """
+        A config that is not JSON: one line naming the file, not twistd's
+        usage text.
+        """
+        config = write_valid_config(self)
+        config.write_bytes(b"{nope")
+        watcher = self.daemon("--config", str(config))
+        await self.assert_refused(watcher, str(config), "invalid JSON")
+
+    async def test_second_proxy_on_the_same_config(self) -> None:
+        """
+        With a proxy already running on the config, a second one under
+        twistd refuses in one line saying so, and the first keeps its
+        control socket.
+        """
+        from nextclaude import paths
+
+        config = write_valid_config(self)
+        start_proxy(self, config)
+        watcher = self.daemon("--config", str(config), "--port", "0")
+        await self.assert_refused(watcher, "already running for this config")
+        self.assertTrue(paths.socket_path(config).exists())
+
+    async def test_nextclaude_stop_ends_twistd(self) -> None:
+        """
+        `nextclaude stop` ends a `twistd -n nextclaude` proxy gracefully:
+        stop exits 0 and twistd shuts down cleanly.
+        """
+        from tests.support import spawn_nextclaude
+
+        config = write_valid_config(self)
+        watcher, _ = spawn_twistd(self, "--config", str(config), "--port", "0")
+        await watcher.line_matching(rb"ProxySite starting on (\d+)")
+        stopper = spawn_nextclaude(self, "--config", str(config), "stop")
+        self.assertEqual((await stopper.ended).exitCode, 0, stopper.output)
+        reason = await watcher.ended
+        self.assertEqual(reason.exitCode, 0, watcher.output)
+        self.assertIn("Server Shut Down.", watcher.output)
