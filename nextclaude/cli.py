@@ -566,6 +566,12 @@ def _service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    from nextclaude.usage_report import run_usage
+
+    return run_usage(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from nextclaude import demo
 
@@ -671,6 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind", choices=("systemd", "launchd"), help="the service manager (default: launchd on macOS, else systemd)"
     )
     service.set_defaults(handler=_service)
+
+    usage = commands.add_parser(
+        "usage", help="usage history: tokens, moves, re-billed vs naive, API-price value (read-only)"
+    )
+    from nextclaude.usage_report import add_arguments as add_usage_arguments
+
+    add_usage_arguments(usage)
+    usage.set_defaults(handler=_usage)
 
     demo = commands.add_parser(
         "demo", help="run the whole system against a built-in simulated upstream (no account needed)"

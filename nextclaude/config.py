@@ -92,6 +92,12 @@ class OAuthSettings:
     usage_url: str = "https://api.anthropic.com/api/oauth/usage"
 
 
+@dataclass(frozen=True)
+class HistorySettings:
+    # Days of usage history kept in history.sqlite3 (nextclaude.history).
+    retention_days: float = 90.0
+
+
 @dataclass(frozen=True, repr=False)
 class AccountConfig:
     name: str
@@ -131,6 +137,10 @@ class Config:
     probe_interval: float = 15.0
     oauth: OAuthSettings = OAuthSettings()
     usage_poll_minutes: float = 30.0
+    history: HistorySettings = HistorySettings()
+    # API list prices overriding the built-in table (nextclaude.usage_report):
+    # (model-id prefix, input $/MTok, output $/MTok), as the file lists them.
+    prices: tuple[tuple[str, float, float], ...] = ()
     accounts: tuple[AccountConfig, ...] = field(default=())
 
     def with_overrides(
@@ -295,6 +305,30 @@ def _scopes(value: Any) -> tuple[str, ...]:
     raise _Invalid(f"must be a list of strings or a space-separated string, not {_describe(value)}")
 
 
+def _prices(value: Any) -> tuple[tuple[str, float, float], ...]:
+    # {"claude-opus-4-5": {"input": 5, "output": 25}, ...}: US dollars per
+    # million tokens, keyed by model-id prefix.
+    if value == {}:
+        raise _Invalid("must name at least one model-id prefix (leave prices out for the built-in table)")
+    if not isinstance(value, dict):
+        raise _Invalid(
+            "must be an object naming model-id prefixes, like "
+            '{"claude-opus-4-5": {"input": 5, "output": 25}} (US dollars per million tokens), '
+            f"not {_describe(value)}"
+        )
+    prices = []
+    for prefix, entry in value.items():
+        if not prefix.strip():
+            raise _Invalid("must not name an empty model-id prefix")
+        if not isinstance(entry, dict):
+            raise _Invalid(f"[{prefix!r}] must be an object with input and output, not {_describe(entry)}")
+        try:
+            prices.append((prefix, _number(entry.get("input"), positive=False), _number(entry.get("output"), positive=False)))
+        except _Invalid as e:
+            raise _Invalid(f"[{prefix!r}] input and output {e}") from None
+    return tuple(prices)
+
+
 class _Reader:
     """Takes typed fields out of one JSON object, naming them by their path in the file."""
 
@@ -381,6 +415,7 @@ def _parse(data: Mapping[str, Any], path: Path) -> Config:
         profile_url=oauth.get("profileUrl", _http_url, oauth_defaults.profile_url),
         usage_url=oauth.get("usageUrl", _http_url, oauth_defaults.usage_url),
     )
+    history = top.section("history")
     log_dir = top.get("logDir", _non_empty_string, None)
     switch = top.get("switchThreshold", _fraction, Config.switch_threshold)
     hard = top.get("hardThreshold", _fraction, Config.hard_threshold)
@@ -417,6 +452,10 @@ def _parse(data: Mapping[str, Any], path: Path) -> Config:
         probe_interval=top.get("probeInterval", _number, Config.probe_interval),
         oauth=oauth_settings,
         usage_poll_minutes=top.get("usagePollMinutes", _number, Config.usage_poll_minutes),
+        history=HistorySettings(
+            retention_days=history.get("retentionDays", _number, HistorySettings.retention_days),
+        ),
+        prices=top.get("prices", _prices, ()),
         accounts=tuple(accounts),
     )
 

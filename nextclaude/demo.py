@@ -234,6 +234,8 @@ async def run_demo(
             await _watch(reactor, service, traffic)
         else:
             await traffic
+        # The usage history's figures are the writer's: wait for its last batch.
+        await service.history.flushed()
         _print_summary(out, summary, service, settings, driver.result.turns_done)
         return summary
     finally:
@@ -310,6 +312,12 @@ def _print_summary(
     print(
         f"\nRe-billed cache tokens on this traffic (replayed): NextClaude {ours.excess:,}, "
         f"naive rotation {naive.excess:,} (one unlimited account: 0).",
+        file=out,
+    )
+    today = service.history.snapshot(now)["today"]
+    print(
+        f"Usage history of this run (live): moves re-billed {today['rebilled']:,}, "
+        f"naive rotation estimated at {today['naiveEstimate']:,}, saved (estimate) {today['saved']:,}.",
         file=out,
     )
 

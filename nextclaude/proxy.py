@@ -31,6 +31,7 @@ from nextclaude import events
 from nextclaude.allocator import Allocator, Reclaimer
 from nextclaude.config import Config
 from nextclaude.events import EventHub
+from nextclaude.history import client_product
 from nextclaude.pool import Account
 from nextclaude.requestlog import RequestLog, masked_headers
 from nextclaude.router import Decision, Router
@@ -767,6 +768,8 @@ class ProxyResource(Resource):
         body: bytes | None = take_body(request)
         facts = request_facts(request, body, self._router)
         exchange = self._router.open(facts)
+        # Where the session was: the usage history counts a move.
+        was_on = exchange.session.account if exchange.session is not None else None
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         details: dict[str, Any] = {}
@@ -812,9 +815,10 @@ class ProxyResource(Resource):
         body = None
         decision, response = outcome.decision, outcome.response
         account = decision.account
+        moved = was_on is not None and exchange.session is not None and exchange.session.account != was_on
         if account is None:
             self._reject_exhausted(request, decision)
-            self._finished_event(request, request_id, started, None, decision.status, decision.reason, None)
+            self._finished_event(request, request_id, started, None, decision.status, decision.reason, None, facts=facts)
             return
         if gone or response is None:
             if response is not None:
@@ -823,12 +827,15 @@ class ProxyResource(Resource):
             if outcome.error is not None:
                 self._finish_error(request, outcome.error.code, "api_error", outcome.error.message)
                 self._finished_event(
-                    request, request_id, started, account, outcome.error.code, decision.reason, None, ok=False
+                    request, request_id, started, account, outcome.error.code, decision.reason, None, ok=False,
+                    facts=facts, moved=moved,
                 )
             return
         usage, ok = await self._stream(request, response, request_id)
         self._router.on_finished(exchange, account, usage, ok and response.code < 500)
-        self._finished_event(request, request_id, started, account, response.code, decision.reason, usage, ok=ok)
+        self._finished_event(
+            request, request_id, started, account, response.code, decision.reason, usage, ok=ok, facts=facts, moved=moved
+        )
 
     async def _fetch(self, request: Request, account: Account, body: bytes, timeout: float | None) -> IResponse:
         """
@@ -976,8 +983,13 @@ class ProxyResource(Resource):
         reason: str,
         usage: Usage | None,
         ok: bool = True,
+        facts: RequestFacts | None = None,
+        moved: bool = False,
     ) -> None:
         now = self._reactor.seconds()
+        # What the usage history records beside the figures above: the
+        # session's facts, the client, and the account's 5h window after it.
+        window = account.windows.get("5h") if account is not None else None
         self._hub.emit(
             events.REQUEST_FINISHED,
             now,
@@ -990,4 +1002,14 @@ class ProxyResource(Resource):
             ok=ok,
             duration=now - started,
             usage=usage.to_json() if usage is not None else None,
+            session=facts.session_key if facts is not None else None,
+            model=facts.model if facts is not None else None,
+            client=client_product(request.requestHeaders.getRawHeaders(b"user-agent", [None])[-1]),
+            side=facts.is_side_request if facts is not None else False,
+            compaction=facts.is_compaction if facts is not None else False,
+            continuation=facts.starts_with_continuation if facts is not None else False,
+            ttl=facts.cache_ttl if facts is not None else None,
+            moved=moved,
+            utilization=window.utilization if window is not None else None,
+            reset=window.reset if window is not None else None,
         )

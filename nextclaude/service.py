@@ -20,6 +20,7 @@ from nextclaude.config import Config
 from nextclaude.accounts import AccountsService, AccountsSettings
 from nextclaude.control import ConfigAccounts, ControlService
 from nextclaude.events import Event, EventHub
+from nextclaude.history import HistoryService, history_path
 from nextclaude.oauth import OAuthClient
 from nextclaude.problems import Problems
 from nextclaude.pool import AccountPool, Thresholds
@@ -215,6 +216,18 @@ class ProxyService(MultiService):
                 reactor, config.log_dir, self.hub, keep_bodies=log_bodies, problems=self.problems
             )
             self.request_log.setServiceParent(self)
+        # Every finished request into history.sqlite3 beside the config, on
+        # a thread of its own; stopped after the drain, so the drained
+        # requests are recorded too.
+        self.history = HistoryService(
+            reactor,
+            history_path(config.path),
+            self.hub,
+            retention_days=config.history.retention_days,
+            switch=config.switch_threshold,
+            problems=self.problems,
+        )
+        self.history.setServiceParent(self)
         self.resource = resource = ProxyResource(
             reactor,
             config,
@@ -389,7 +402,10 @@ class ProxyService(MultiService):
     def status(self) -> dict[str, Any]:
         host, port = self.address()
         self.problems.sync_accounts({account.name: account.error for account in self.pool})
-        return snapshot(self.router, self.reactor.seconds(), self.started_at, host, port, self.problems.snapshot())
+        now = self.reactor.seconds()
+        return snapshot(
+            self.router, now, self.started_at, host, port, self.problems.snapshot(), history=self.history.snapshot(now)
+        )
 
     def _log_event(self, event: Event) -> None:
         # Routing events are worth a plain log line; per-request ones are

@@ -47,6 +47,7 @@ def snapshot(
     host: str | None,
     port: int | None,
     problems: list[dict[str, Any]] | None = None,
+    history: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     accounts = [account_snapshot(router, account, now) for account in router.pool]
     totals: dict[str, int] = {}
@@ -67,4 +68,8 @@ def snapshot(
         "accounts": accounts,
         # Each {account (or null), kind, message, since}: see nextclaude.problems.
         "problems": list(problems or []),
+        # Usage history totals (nextclaude.history.HistoryService.snapshot):
+        # today's and the week's tokens, moves, re-billed, the naive
+        # estimate and what was saved; null without a history.
+        "history": history,
     }

@@ -142,6 +142,37 @@ def problem_lines(snapshot: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _signed(value: int) -> str:
+    return f"−{tokens(-value)}" if value < 0 else tokens(value)
+
+
+def history_lines(snapshot: Mapping[str, Any]) -> list[str]:
+    """
+    The usage history's totals (today, the last seven days): moves, what
+    they re-billed, the naive-rotation estimate and what was saved
+    against it (both estimates, marked ≈).  Nothing without a history.
+    """
+    history = snapshot.get("history")
+    if not isinstance(history, Mapping):
+        return []
+    lines = []
+    for label, key in (("today", "today"), ("7 days", "week")):
+        totals = history.get(key)
+        if not isinstance(totals, Mapping):
+            continue
+        rebilled, naive = _count(totals, "rebilled"), _count(totals, "naiveEstimate")
+        lines.append(
+            f"  {label}: {_count(totals, 'requests')} reqs · {_count(totals, 'moves')} moves · "
+            f"re-billed {tokens(rebilled)} · naive≈ {tokens(naive)} · saved≈ {_signed(naive - rebilled)}"
+        )
+    if not lines:
+        return []
+    missed = _count(history, "dropped") + _count(history, "lost")
+    if missed:
+        lines.append(f"  {missed} request(s) not recorded")
+    return ["History (≈ estimates against naive rotation):", *lines]
+
+
 def render_status(snapshot: Mapping[str, Any], now: float) -> str:
     """
     The snapshot as PRODUCT.md's `nextclaude status` text: a header, the
@@ -170,6 +201,7 @@ def render_status(snapshot: Mapping[str, Any], now: float) -> str:
     if shown:
         lines.append("Problems:")
         lines.extend(f"  ! {text}" for text in shown)
+    lines.extend(history_lines(snapshot))
     for account in accounts:
         lines.extend(_account_lines(account, primary, now))
     return "\n".join(lines)

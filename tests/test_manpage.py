@@ -27,6 +27,7 @@ from nextclaude.config import (
     AccountConfig,
     Config,
     ConfigError,
+    HistorySettings,
     OAuthSettings,
     ProxySettings,
     new_config_data,
@@ -288,7 +289,7 @@ def top_level_fields() -> dict[str, Any]:
     the file, with its default; read from the settings dataclasses.
     """
     fields: dict[str, Any] = {}
-    sections = {"proxy": ProxySettings, "oauth": OAuthSettings}
+    sections = {"proxy": ProxySettings, "oauth": OAuthSettings, "history": HistorySettings}
     for field in dataclasses.fields(Config):
         if field.name == "path":
             continue

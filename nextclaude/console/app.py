@@ -326,6 +326,7 @@ class ConsoleApp:
             keymap.ADD: self.add_form,
             keymap.REMOVE: self.remove_menu,
             keymap.RELOAD: self.reload,
+            keymap.HISTORY: self.history,
             keymap.QUIT: self.quit,
         }.get(action or "")
         if handler is None:
@@ -435,6 +436,14 @@ class ConsoleApp:
         """
         self.say("reloading the configuration…")
         self._call("reloading", self.client.reload, lambda _: "configuration reloaded")
+
+    def history(self) -> None:
+        """
+        C{h}: the usage history over the dashboard (C{h} or Esc again closes it).
+        """
+        from nextclaude.console.history import HistoryView
+
+        self.open(HistoryView(self.model, self.close))
 
     def quit(self) -> None:
         """

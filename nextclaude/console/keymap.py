@@ -14,6 +14,7 @@ ADD = "add"
 REMOVE = "remove"
 RELOAD = "reload"
 QUIT = "quit"
+HISTORY = "history"
 
 # Menu, dialog and form actions.
 UP = "up"
@@ -31,6 +32,7 @@ DASHBOARD: Mapping[str, str] = {
     "a": ADD,
     "r": REMOVE,
     "R": RELOAD,
+    "h": HISTORY,
     "q": QUIT,
 }
 
@@ -70,12 +72,16 @@ FORM: Mapping[str, str] = {
     "up": PREVIOUS,
 }
 
+# The history view (console/history.py): any of these goes back.
+HISTORY_VIEW: Mapping[str, str] = {"h": CANCEL, "esc": CANCEL, "q": CANCEL, "enter": CANCEL}
+
 # What the footer shows, in order: (key as shown, what it does).
 DASHBOARD_HELP: list[tuple[str, str]] = [
     ("s", "pin"),
     ("a", "add"),
     ("r", "remove"),
     ("R", "reload"),
+    ("h", "history"),
     ("q", "quit"),
 ]
 MENU_HELP: list[tuple[str, str]] = [("j/k ↑/↓", "move"), ("Enter", "choose"), ("Esc", "cancel")]

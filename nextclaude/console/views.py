@@ -288,6 +288,21 @@ def header_parts(snapshot: Snapshot, now: float) -> list[Line]:
         shown = primary_text(snapshot)
         attr = p.HEADER if shown == snapshot.get("primary") else p.BAD
         parts.append([(p.HEADER_DIM, "primary "), (attr, shown)])
+    history = snapshot.get("history")
+    today = history.get("today") if isinstance(history, Mapping) else None
+    if isinstance(today, Mapping):
+        # Today's figures from the usage history; the naive one is an
+        # estimate, and so is what was saved against it.
+        rebilled = number(today, "rebilled")
+        saved = number(today, "naiveEstimate") - rebilled
+        parts.append(
+            [
+                (p.HEADER_DIM, "today re-billed "),
+                (p.HEADER, tokens(rebilled)),
+                (p.HEADER_DIM, " · saved≈ "),
+                (p.HEADER, f"−{tokens(-saved)}" if saved < 0 else tokens(saved)),
+            ]
+        )
     return parts
 
 
