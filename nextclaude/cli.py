@@ -71,7 +71,7 @@ def _server(args: argparse.Namespace) -> int:
     # after them, or they would be replaced.
     reactor.callWhenRunning(_install_stop_signals, reactor, service)
     if not args.no_console and sys.stdin.isatty() and sys.stdout.isatty():
-        reactor.callWhenRunning(_attach_console, reactor, service, log_router)
+        reactor.callWhenRunning(_attach_console, reactor, service, log_router, console_theme(args, config))
     reactor.run()
     return 0
 
@@ -105,7 +105,7 @@ def exit_watchdog(
     timer.start()
 
 
-def _attach_console(reactor: "Any", service: "Any", log_router: "Any") -> None:
+def _attach_console(reactor: "Any", service: "Any", log_router: "Any", theme: str = "auto") -> None:
     """
     Run the console on this process's own proxy; quitting it (after it
     asks) stops the proxy and the process.
@@ -125,6 +125,7 @@ def _attach_console(reactor: "Any", service: "Any", log_router: "Any") -> None:
                 owns_proxy=True,
                 stop_proxy=service.stopService,
                 log_router=log_router,
+                theme=theme,
                 log_path=str(console_log_path(service.config.path)),
             )
         finally:
@@ -168,6 +169,14 @@ def _console(args: argparse.Namespace) -> int:
     if not sys.stdout.isatty():
         print("nextclaude: the console needs a terminal; use `nextclaude status` instead", file=sys.stderr)
         return 1
+    from nextclaude.config import ConfigError, load_config
+
+    try:
+        theme = console_theme(args, load_config(config_path))
+    except ConfigError:
+        # The proxy runs on what it read; a file being edited must not keep
+        # the console away (its theme falls back).
+        theme = console_theme(args, None)
     log_router = LogRouter(textFileLogObserver(sys.stderr))
     globalLogBeginner.beginLoggingTo([log_router], redirectStandardIO=False)
 
@@ -184,6 +193,7 @@ def _console(args: argparse.Namespace) -> int:
                 owns_proxy=False,
                 log_router=log_router,
                 log_path=str(console_log_path(config_path)),
+                theme=theme,
             )
         finally:
             client.close()
@@ -318,6 +328,8 @@ def _accounts(args: argparse.Namespace) -> int:
 
         print(NO_ACCOUNTS_MESSAGE.format(path=config.path))
         return 0
+    from nextclaude.humanize import tier_label
+
     now = time.time()
     rows = [("NAME", "TYPE", "TIER", "PRIORITY", "TOKEN", "SOURCE")]
     for account in config.accounts:
@@ -326,7 +338,7 @@ def _accounts(args: argparse.Namespace) -> int:
             (
                 account.name,
                 account.type,
-                account.tier or ("API" if account.type == "apikey" else "?"),
+                tier_label(account.tier, account.type),
                 str(account.priority),
                 _token_state(account, now),
                 source,
@@ -603,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-bodies", action="store_true", help="with a request log, also keep every request's and response's body"
     )
     server.add_argument("--no-console", action="store_true", help="plain log lines instead of the live console")
+    _add_theme_argument(server)
     server.set_defaults(handler=_server)
 
     login = commands.add_parser("login", help="add a Claude subscription account (browser, OAuth) or an API key")
@@ -658,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     console = commands.add_parser("console", help="attach the live console to a running proxy")
+    _add_theme_argument(console)
     console.set_defaults(handler=_console)
 
     status = commands.add_parser("status", help="print the running proxy's quota and cache statistics")
@@ -693,8 +707,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sessions", type=int, default=3, help="simulated Claude Code sessions (default: 3)")
     demo.add_argument("--duration", type=float, default=90.0, help="seconds of simulated traffic (default: 90)")
     demo.add_argument("--no-console", action="store_true", help="print the event log instead of the console")
+    _add_theme_argument(demo)
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _add_theme_argument(parser: argparse.ArgumentParser) -> None:
+    from nextclaude.config import THEMES
+
+    parser.add_argument(
+        "--theme",
+        choices=THEMES,
+        help="console colours: auto reads on light and dark terminals (default: console.theme; NO_COLOR means mono)",
+    )
+
+
+def console_theme(args: argparse.Namespace, config: "Config | None") -> str:
+    """
+    The console's theme: --theme, else mono under NO_COLOR, else the
+    config's console.theme.
+    """
+    import os
+
+    from nextclaude.console.palette import choose_theme
+
+    return choose_theme(getattr(args, "theme", None), config.console.theme if config is not None else None, os.environ)
 
 
 def _subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:

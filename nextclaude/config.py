@@ -98,6 +98,18 @@ class HistorySettings:
     retention_days: float = 90.0
 
 
+# The console's colour themes (nextclaude.console.palette.THEMES; kept
+# here too so reading a config never imports urwid).
+THEMES = ("auto", "light", "dark", "mono")
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    # auto reads on light and dark terminals; NO_COLOR means mono unless
+    # --theme is given (nextclaude.console.palette.choose_theme).
+    theme: str = "auto"
+
+
 @dataclass(frozen=True, repr=False)
 class AccountConfig:
     name: str
@@ -137,6 +149,7 @@ class Config:
     probe_interval: float = 15.0
     oauth: OAuthSettings = OAuthSettings()
     usage_poll_minutes: float = 30.0
+    console: ConsoleSettings = ConsoleSettings()
     history: HistorySettings = HistorySettings()
     # API list prices overriding the built-in table (nextclaude.usage_report):
     # (model-id prefix, input $/MTok, output $/MTok), as the file lists them.
@@ -329,6 +342,12 @@ def _prices(value: Any) -> tuple[tuple[str, float, float], ...]:
     return tuple(prices)
 
 
+def _theme(value: Any) -> str:
+    if value not in THEMES:
+        raise _Invalid(f"must be one of {', '.join(repr(t) for t in THEMES)}, not {_describe(value)}")
+    return value
+
+
 class _Reader:
     """Takes typed fields out of one JSON object, naming them by their path in the file."""
 
@@ -416,6 +435,7 @@ def _parse(data: Mapping[str, Any], path: Path) -> Config:
         usage_url=oauth.get("usageUrl", _http_url, oauth_defaults.usage_url),
     )
     history = top.section("history")
+    console = top.section("console")
     log_dir = top.get("logDir", _non_empty_string, None)
     switch = top.get("switchThreshold", _fraction, Config.switch_threshold)
     hard = top.get("hardThreshold", _fraction, Config.hard_threshold)
@@ -452,6 +472,7 @@ def _parse(data: Mapping[str, Any], path: Path) -> Config:
         probe_interval=top.get("probeInterval", _number, Config.probe_interval),
         oauth=oauth_settings,
         usage_poll_minutes=top.get("usagePollMinutes", _number, Config.usage_poll_minutes),
+        console=ConsoleSettings(theme=console.get("theme", _theme, ConsoleSettings.theme)),
         history=HistorySettings(
             retention_days=history.get("retentionDays", _number, HistorySettings.retention_days),
         ),

@@ -12,6 +12,7 @@ import argparse
 import io
 from contextlib import suppress
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from nextclaude import __version__, events
 from nextclaude.accounts import AccountsSettings
 from nextclaude.config import load_config, new_config_data, parse_config
+from nextclaude.console.palette import choose_theme
 from nextclaude.events import Event
 from nextclaude.humanize import tokens
 from nextclaude.replay import replay
@@ -192,6 +194,7 @@ async def run_demo(
     out: TextIO,
     advance: Callable[[float], None] | None = None,
     console: bool = False,
+    theme: str = "auto",
 ) -> DemoSummary:
     """
     Run the whole demo once and return its figures.  Time passes for real,
@@ -231,7 +234,7 @@ async def run_demo(
             _traffic(reactor, driver, HTTPClient(Agent(reactor, pool=pool)), url, config.proxy.api_key, advance)
         )
         if console:
-            await _watch(reactor, service, traffic)
+            await _watch(reactor, service, traffic, theme)
         else:
             await traffic
         # The usage history's figures are the writer's: wait for its last batch.
@@ -264,7 +267,7 @@ async def _traffic(
         driver.deliver(now, session, request, await _send(http, url, key, request))
 
 
-async def _watch(reactor: Any, service: ProxyService, traffic: Deferred[None]) -> None:
+async def _watch(reactor: Any, service: ProxyService, traffic: Deferred[None], theme: str = "auto") -> None:
     """
     The console on the demo's own proxy.  Quitting it (after it asks) ends
     the demo, traffic or not.
@@ -278,7 +281,7 @@ async def _watch(reactor: Any, service: ProxyService, traffic: Deferred[None]) -
 
     client = await control.connect(reactor, paths.socket_path(service.config.path))
     try:
-        await run_console(reactor, client, owns_proxy=True, stop_proxy=stop_traffic)
+        await run_console(reactor, client, owns_proxy=True, stop_proxy=stop_traffic, theme=theme)
     finally:
         client.close()
         stop_traffic()
@@ -325,6 +328,8 @@ def _print_summary(
 def main(args: argparse.Namespace) -> int:
     settings = DemoSettings(accounts=args.accounts, sessions=args.sessions, duration=args.duration)
     console = not args.no_console and sys.stdin.isatty() and sys.stdout.isatty()
+    # The demo reads no configuration file: the flag, else NO_COLOR.
+    theme = choose_theme(getattr(args, "theme", None), None, os.environ)
     for name in ("accounts", "sessions"):
         if getattr(settings, name) < 1:
             print(f"nextclaude demo: --{name} must be at least 1", file=sys.stderr)
@@ -342,7 +347,7 @@ def main(args: argparse.Namespace) -> int:
             # Log lines have nowhere to go while the console owns the
             # terminal; the demo's own figures come after it.
             globalLogBeginner.beginLoggingTo([LogRouter(None)], redirectStandardIO=False)
-        running = Deferred.fromCoroutine(run_demo(reactor, settings, sys.stdout, console=console))
+        running = Deferred.fromCoroutine(run_demo(reactor, settings, sys.stdout, console=console, theme=theme))
         cleaned_up: Deferred[None] = Deferred()
         cancelled: list[bool] = []
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from nextclaude import __version__
+from nextclaude.humanize import tier_label
 from nextclaude.pool import Account
 from nextclaude.router import Router
 
@@ -24,7 +25,8 @@ def account_snapshot(router: Router, account: Account, now: float) -> dict[str, 
     return {
         "name": account.name,
         "type": account.kind,
-        "tier": account.tier,
+        # One vocabulary for an unknown tier (nextclaude.humanize.tier_label).
+        "tier": tier_label(account.config.tier, account.kind),
         "priority": account.priority,
         "status": router.status_of(account).value,
         "flags": router.flags_of(account),

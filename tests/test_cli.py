@@ -159,7 +159,7 @@ class ServerProcessTests(TestCase):
         self.patch(sys, "stdout", out)
         self.assertEqual(main(["--config", str(config), "status"]), 0)
         self.assertIn("NextClaude 0.1.0 · 2 account(s) · 0 session(s)", out.getvalue())
-        self.assertIn("alice (Pro/Max, active)", out.getvalue())
+        self.assertIn("alice (subscription, active)", out.getvalue())
         out.seek(0)
         out.truncate(0)
         self.assertEqual(main(["--config", str(config), "status", "--json"]), 0)

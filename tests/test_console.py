@@ -34,7 +34,7 @@ from nextclaude.console.app import (
     default_api_key_name,
     run_console,
 )
-from nextclaude.console.widgets import classify_secret, screen_lines
+from nextclaude.console.widgets import Dashboard, classify_secret, screen_lines
 from nextclaude.events import EventHub
 from nextclaude.pool import Status
 from nextclaude.quota import parse_rate_limit_headers
@@ -657,8 +657,9 @@ class KeyTests(ConsoleHarness):
 
     def test_remove_asks_first(self) -> None:
         """
-        r opens the account menu, then a confirmation; only confirming
-        removes the account, and n or Esc leave it.
+        r opens the account menu, then a confirmation whose default is the
+        safe answer: Enter right after the question keeps the account, n or
+        Esc too; only y, or moving up to "Remove X" and Enter, removes it.
         """
         self.make_app()
         self.press("r", "j", "enter")
@@ -672,6 +673,10 @@ class KeyTests(ConsoleHarness):
         self.assertEqual(self.client.calls, [])
 
         self.press("r", "j", "j", "enter", "enter")
+        self.assertEqual(self.client.calls, [])
+        self.assertNotIn("Remove account", self.text())
+
+        self.press("r", "j", "j", "enter", "k", "enter")
         self.assertEqual(self.client.calls, [("remove", CAROL)])
         self.assertIn(f"removed {CAROL}", self.screen()[-1])
 
@@ -711,16 +716,22 @@ class KeyTests(ConsoleHarness):
 
     def test_q_asks_before_stopping_an_owned_proxy(self) -> None:
         """
-        q on the console of `nextclaude server` asks first: Esc keeps
-        everything running; q again (or y, or Enter) stops the proxy, and
-        the console ends once the proxy has stopped.
+        q on the console of `nextclaude server` asks first, with "Cancel"
+        chosen: Esc or Enter keep everything running; q again (or y) stops
+        the proxy, and the console ends once the proxy has stopped.
         """
         self.make_app(owns_proxy=True)
         self.assertIn("quit+stop proxy", self.screen()[-1])
         self.press("q")
         self.assertIn("Stop the proxy and quit", self.text())
+        self.assertIn("▸ Cancel", self.text())
         self.press("esc")
         self.assertNoResult(self.app.done)
+        self.assertEqual(self.stops, [])
+        self.press("q", "enter")
+        self.assertNoResult(self.app.done)
+        self.assertNotIn("Stop the proxy and quit", self.text())
+        self.clock.advance(0)
         self.assertEqual(self.stops, [])
 
         self.press("q", "q")
@@ -905,12 +916,15 @@ class LayoutTests(SynchronousTestCase):
 
     def test_bars(self) -> None:
         """
-        A bar is as wide as asked, filled in proportion (never empty above
-        0%), coloured by closeness to the switch threshold, dotted when the
+        A bar is as wide as asked, filled in proportion (never empty when
+        its figure is 1% or more, never filled when it is 0%), coloured by closeness to the switch threshold, dotted when the
         quota is unknown.
         """
         self.assertEqual(views.line_text(views.bar(0.5, 10)), "█" * 5 + "░" * 5)
-        self.assertEqual(views.line_text(views.bar(0.001, 10)), "█" + "░" * 9)
+        self.assertEqual(views.line_text(views.bar(0.01, 10)), "█" + "░" * 9)
+        # "0%" beside the bar: no filled cell either.
+        self.assertEqual(views.line_text(views.bar(0.004, 10)), "░" * 10)
+        self.assertEqual(views.line_text(views.bar(0.0, 10)), "░" * 10)
         self.assertEqual(views.line_text(views.bar(None, 4)), "····")
         self.assertEqual(views.bar(0.5, 10)[0][0], p.BAR_OK)
         self.assertEqual(views.bar(0.9, 10)[0][0], p.BAR_WARN)
@@ -1109,3 +1123,197 @@ class LogRouterTests(SynchronousTestCase):
         self.assertEqual(seen, [])
         self.assertEqual(stderr.getvalue(), "")
         self.assertIsNot(root.handlers, None)
+
+
+# -- themes (issue 15, item 13) --------------------------------------------------
+
+
+def _rgb(index: int) -> tuple[int, int, int]:
+    """
+    The colour xterm shows for a 256-colour index.
+    """
+    if index < 16:
+        base = [
+            (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
+            (192, 192, 192), (128, 128, 128), (255, 0, 0), (0, 255, 0), (255, 255, 0), (0, 0, 255),
+            (255, 0, 255), (0, 255, 255), (255, 255, 255),
+        ]  # fmt: skip
+        return base[index]
+    if index < 232:
+        levels = [0, 95, 135, 175, 215, 255]
+        index -= 16
+        return (levels[index // 36], levels[index // 6 % 6], levels[index % 6])
+    grey = 8 + 10 * (index - 232)
+    return (grey, grey, grey)
+
+
+def _contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """
+    WCAG's contrast ratio of two colours (1 to 21).
+    """
+
+    def luminance(colour: tuple[int, int, int]) -> float:
+        def channel(value: int) -> float:
+            v = value / 255
+            return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+
+        r, g, b = map(channel, colour)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    high, low = sorted([luminance(a), luminance(b)], reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+
+
+class ThemeTests(SynchronousTestCase):
+    """
+    Each theme rendered by urwid's real terminal screen (256 colours) at
+    80x24, with the escape sequences it writes read back.
+    """
+
+    def draw(self, theme: str, dialog: bool = False) -> str:
+        import re
+
+        model = views.Model(clock=lambda: 0.0, localtime=time.gmtime)
+        model.take_snapshot(make_snapshot())
+        for index in range(12):
+            model.add_event(finished(NOW + index, reason="moved-after-compaction" if index % 3 else "affinity"))
+        model.message = (p.MESSAGE, "pinned bob")
+        out = io.StringIO()
+        screen = urwid.display.raw.Screen(input=io.StringIO(), output=out)
+        screen.set_terminal_properties(colors=256)
+        screen.register_palette(p.palette(theme))
+        screen._started = True  # draw without taking a real terminal
+        screen.draw_screen(SMALL, Dashboard(model).render(SMALL))
+        self.assertIn("bob@example.com", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()))
+        return out.getvalue()
+
+    def foregrounds_on_default(self, output: str) -> set[int]:
+        """
+        The 256-colour foregrounds of text drawn on the terminal's own
+        background (SGR 49).
+        """
+        import re
+
+        found = set()
+        for code in re.findall(r"\x1b\[([0-9;]*)m", output):
+            colour = re.search(r"38;5;(\d+)", code)
+            if colour and code.endswith(";49"):
+                found.add(int(colour.group(1)))
+        return found
+
+    def test_every_theme_has_every_attribute(self) -> None:
+        """
+        auto, light, dark and mono each define every attribute the console
+        uses, and the config's theme names are the palette's.
+        """
+        from nextclaude.config import THEMES
+
+        self.assertEqual(THEMES, p.THEMES)
+        for theme in p.THEMES:
+            self.assertEqual({entry[0] for entry in p.palette(theme)}, p.NAMES, theme)
+        self.assertRaises(ValueError, p.palette, "pink")
+
+    def test_default_reads_on_light_and_dark(self) -> None:
+        """
+        The default theme draws text on the terminal's background either
+        in the terminal's own colour or in a mid-tone that keeps a contrast
+        of at least 2.5:1 against both white and black: nothing in white or
+        yellow that vanishes on a light terminal.
+        """
+        colours = self.foregrounds_on_default(self.draw(p.AUTO))
+        self.assertTrue(colours)
+        for index in colours:
+            self.assertGreaterEqual(_contrast(_rgb(index), WHITE), 2.5, index)
+            self.assertGreaterEqual(_contrast(_rgb(index), BLACK), 2.5, index)
+
+    def test_light_theme_reads_on_white(self) -> None:
+        """
+        The light theme's text on the terminal's background keeps at least
+        2.5:1 against white (names are black, accents dark).
+        """
+        colours = self.foregrounds_on_default(self.draw(p.LIGHT))
+        self.assertTrue(colours)
+        for index in colours:
+            self.assertGreaterEqual(_contrast(_rgb(index), WHITE), 2.5, index)
+
+    def test_dark_theme_reads_on_black(self) -> None:
+        """
+        The dark theme's text on the terminal's background keeps at least
+        2.5:1 against black.
+        """
+        colours = self.foregrounds_on_default(self.draw(p.DARK))
+        self.assertTrue(colours)
+        for index in colours:
+            self.assertGreaterEqual(_contrast(_rgb(index), BLACK), 2.5, index)
+
+    def test_mono_has_no_colour(self) -> None:
+        """
+        The mono theme writes no colour at all (only the terminal's own
+        colours, bold and reverse video), so the title bar and footer
+        still stand out.
+        """
+        import re
+
+        output = self.draw(p.MONO)
+        for code in re.findall(r"\x1b\[([0-9;]*)m", output):
+            parts = code.split(";")
+            self.assertNotIn("38", parts, code)
+            self.assertNotIn("48", parts, code)
+            self.assertFalse([part for part in parts if part[:1] in "34" and len(part) == 2 and part not in ("39", "49")], code)
+        self.assertIn("7", {part for code in re.findall(r"\x1b\[([0-9;]*)m", output) for part in code.split(";")})
+
+    def test_choosing_a_theme(self) -> None:
+        """
+        --theme wins; without it NO_COLOR (any non-empty value) means mono;
+        else the config's console.theme; else auto.
+        """
+        self.assertEqual(p.choose_theme("dark", "light", {"NO_COLOR": "1"}), "dark")
+        self.assertEqual(p.choose_theme(None, "light", {"NO_COLOR": "1"}), "mono")
+        self.assertEqual(p.choose_theme(None, "light", {"NO_COLOR": ""}), "light")
+        self.assertEqual(p.choose_theme(None, None, {}), "auto")
+
+    def test_theme_flag_and_config_field(self) -> None:
+        """
+        server, console and demo take --theme light|dark|mono|auto; the
+        config file's console.theme is read and checked by name.
+        """
+        from pathlib import Path
+
+        from nextclaude.cli import build_parser
+        from nextclaude.config import ConfigError, parse_config
+
+        parser = build_parser()
+        for command in ("server", "console", "demo"):
+            self.assertEqual(parser.parse_args([command, "--theme", "light"]).theme, "light")
+            self.assertIsNone(parser.parse_args([command]).theme)
+        path = Path("/nonexistent/config.json")
+        self.assertEqual(parse_config({"console": {"theme": "mono"}}, path).console.theme, "mono")
+        self.assertEqual(parse_config({}, path).console.theme, "auto")
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"console": {"theme": "pink"}}, path)
+        self.assertIn("console.theme must be one of", str(caught.exception))
+
+    def test_run_console_uses_the_theme(self) -> None:
+        """
+        run_console registers the chosen theme's palette on its screen.
+        """
+        reactor = TriggerReactor()
+        client = FakeClient(reactor, make_snapshot())
+        screen = FakeScreen()
+        registered: list[Any] = []
+        original = screen.register_palette
+
+        def register(palette: Any) -> None:
+            registered.append(list(palette))
+            original(palette)
+
+        screen.register_palette = register  # type: ignore[method-assign]
+        done = Deferred.fromCoroutine(run_console(reactor, client, owns_proxy=False, screen=screen, theme=p.LIGHT))
+        reactor.advance(0.3)
+        screen.type("q")
+        self.successResultOf(done)
+        self.assertEqual(registered, [p.palette(p.LIGHT)])

@@ -230,7 +230,7 @@ class ConsoleOverControlTests(SynchronousTestCase):
 
     def test_remove_from_console_edits_config_and_pool(self) -> None:
         """
-        r, moving to carol, Enter and confirming with Enter removes carol
+        r, moving to carol, Enter and confirming with y removes carol
         from the config file behind the accounts layer; the reload that
         follows drops her from the running pool, the router no longer knows
         her, and the console's next snapshot (and screen) no longer shows
@@ -245,7 +245,7 @@ class ConsoleOverControlTests(SynchronousTestCase):
         self.assertIsNotNone(load_config(self.config_path).account("carol"))
         self.assertIsNotNone(self.proxy.pool.get("carol"))
 
-        self.press("enter")
+        self.press("y")
 
         config = load_config(self.config_path)
         self.assertIsNone(config.account("carol"))

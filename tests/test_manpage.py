@@ -27,6 +27,7 @@ from nextclaude.config import (
     AccountConfig,
     Config,
     ConfigError,
+    ConsoleSettings,
     HistorySettings,
     OAuthSettings,
     ProxySettings,
@@ -289,7 +290,7 @@ def top_level_fields() -> dict[str, Any]:
     the file, with its default; read from the settings dataclasses.
     """
     fields: dict[str, Any] = {}
-    sections = {"proxy": ProxySettings, "oauth": OAuthSettings, "history": HistorySettings}
+    sections = {"proxy": ProxySettings, "oauth": OAuthSettings, "history": HistorySettings, "console": ConsoleSettings}
     for field in dataclasses.fields(Config):
         if field.name == "path":
             continue

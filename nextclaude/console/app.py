@@ -537,6 +537,8 @@ async def run_console(
     screen: Any = None,
     log_router: LogRouter | None = None,
     log_path: str | None = None,
+    theme: str = p.AUTO,
+    app_options: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """
     Show the console on the terminal until the user quits or the proxy goes
@@ -549,15 +551,17 @@ async def run_console(
     owning the reactor.  C{stop_proxy} is called (and awaited) when the user
     confirms C{q} on a console that owns the proxy.  With C{log_router},
     log output goes to C{log_path} (or nowhere) while the console runs.
+    C{theme} names the palette (L{nextclaude.console.palette.THEMES});
+    C{app_options} go to L{ConsoleApp} (the demo's story).
     """
     import urwid
 
-    app = ConsoleApp(reactor, client, owns_proxy=owns_proxy, stop_proxy=stop_proxy)
+    app = ConsoleApp(reactor, client, owns_proxy=owns_proxy, stop_proxy=stop_proxy, **(app_options or {}))
     if screen is None:
         screen = urwid.display.raw.Screen()
     loop = urwid.MainLoop(
         app.root,
-        p.PALETTE,
+        p.palette(theme),
         screen=screen,
         event_loop=urwid.TwistedEventLoop(reactor=reactor, manage_reactor=False),
         handle_mouse=False,

@@ -85,7 +85,7 @@ DASHBOARD_HELP: list[tuple[str, str]] = [
     ("q", "quit"),
 ]
 MENU_HELP: list[tuple[str, str]] = [("j/k ↑/↓", "move"), ("Enter", "choose"), ("Esc", "cancel")]
-CONFIRM_HELP: list[tuple[str, str]] = [("y/Enter", "yes"), ("n/Esc", "no")]
+CONFIRM_HELP: list[tuple[str, str]] = [("y", "yes"), ("n/Esc", "no"), ("↑/↓ Enter", "choose")]
 FORM_HELP: list[tuple[str, str]] = [("Tab", "next field"), ("Enter", "add"), ("Esc", "cancel")]
 
 

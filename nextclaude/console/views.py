@@ -212,7 +212,9 @@ def bar(fraction: float | None, width: int, switch: float = 0.98) -> Line:
         return [(p.BAR_FREE, "·" * width)]
     fraction = min(1.0, max(0.0, fraction))
     used = round(fraction * width)
-    if fraction > 0 and used == 0:
+    # Any use shows as one cell, but only when the figure beside the bar
+    # is not "0%" too: a bar must not say more than its number.
+    if used == 0 and round(fraction * 100) > 0:
         used = 1
     segments: Line = []
     if used:

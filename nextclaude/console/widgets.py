@@ -257,9 +257,11 @@ def confirm_dialog(
     extra_yes: Sequence[str] = (),
 ) -> Menu:
     """
-    A yes/no question as a two-entry menu (yes first, so Enter after the
-    question confirms); C{y} answers yes, C{n} and Esc no, and C{extra_yes}
-    keys answer yes too (C{q} for "quit?").
+    A yes/no question as a two-entry menu with the safe answer chosen:
+    Enter right after the question cancels (a stray Enter must never stop
+    a proxy or delete credentials); C{y}, or moving to the yes entry and
+    Enter, answers yes; C{n} and Esc no; C{extra_yes} keys answer yes too
+    (C{q} for "quit?").
     """
     keys = dict(keymap.CONFIRM_DIALOG)
     for key in extra_yes:
@@ -276,6 +278,7 @@ def confirm_dialog(
         note=question,
         keys=keys,
         help=keymap.CONFIRM_HELP,
+        focus=1,
     )
     return menu
 
