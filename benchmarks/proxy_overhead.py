@@ -3,7 +3,8 @@ Proxy overhead: the same streaming load sent straight to the simulated
 upstream and through the proxy, in alternating rounds (direct, proxied,
 direct, proxied, ...) so that drift on the machine affects both alike.
 
-    PYTHONPATH=. python benchmarks/proxy_overhead.py [--case 1|2|3|all]
+    PYTHONPATH=. python benchmarks/proxy_overhead.py [--case 1..7|issue12|all]
+        [--before REV|none] [--after REV] [--sizes N,N,...] [--quick]
         [--requests N] [--pairs N] [--rate R] [--profile] [--full-simulator]
 
 Three processes take part: this one (the load generator: Twisted's Agent,
@@ -23,6 +24,18 @@ Cases:
    the proxy adds is not hidden behind queueing for the CPU.
 2. 50 concurrent clients, 4 KB bodies, 200 deltas.
 3. 500 concurrent slow streams: one delta every 100 ms for 10 s.
+
+Cases 4-7 (issue 12, ``--case issue12``, the default) run an older commit's
+proxy ("before", ``--before REV``, exported with git archive) beside the
+working tree's ("after"; ``--after REV`` for a commit) in alternating
+rounds, fresh proxies per case: 4. bodies of 10 KB, 200 KB, 1 MB and 2 MB
+(CPU per request, growth per MB, RSS idle / peak / after the load); 5. 200
+concurrent streams with 1 MB bodies; 6. 2000 concurrent slow streams (4 KB
+bodies, one event per 100 ms for 10 s; peak RSS); 7. one client, 1 MB
+bodies: the time to first byte added over direct.  "After the load" is the
+resident memory once every client connection has closed and the proxy has
+been idle 5 s, its pooled upstream connections still open.  Each target of
+issue 12 is printed as PASS or MISS.
 
 Per round: requests/s, time to the first body byte and to the end (p50,
 p99), the CPU used by the client, the simulator, the proxy and the rest of
@@ -1483,7 +1496,8 @@ def main(argv: list[str]) -> int:
         if issue12:
             print(
                 "\nIssue 12: cases " + ", ".join(map(str, issue12)) + (
-                    f", the proxy of {args.before} ('before') beside the working tree's ('after')"
+                    f", the proxy of {args.before} ('before') beside"
+                    f" {'that of ' + args.after if args.after else 'the working tree' + chr(39) + 's'} ('after')"
                     if args.before else ", the working tree's proxy alone"
                 ),
                 flush=True,
