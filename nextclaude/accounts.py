@@ -59,7 +59,7 @@ from nextclaude.events import EventHub
 from nextclaude.oauth import OAuthClient, OAuthError, TokenSet
 from nextclaude.paths import FileProblem
 from nextclaude.pool import Account, AccountPool
-from nextclaude.problems import TOKEN_IN_MEMORY, TOKEN_UNSAVED, Problems
+from nextclaude.problems import CONFIG_REFUSED, TOKEN_IN_MEMORY, TOKEN_UNSAVED, USAGE_UNREACHABLE, Problems
 from nextclaude.quota import QuotaReport
 from nextclaude.router import Router
 
@@ -202,6 +202,11 @@ def _describe(error: Exception, path: Path) -> str:
     if isinstance(error, OSError):
         return f"{path}: {error.strerror or error}"
     return f"{path}: {error}"
+
+
+# Usage-endpoint failures that mean it cannot be reached (not a refused
+# token, which the refresh handles, nor a 429, which is only "later").
+_UNREACHABLE_KINDS = frozenset({"network", "timeout", "server", "bad_response"})
 
 
 class AccountsService(Service):
@@ -360,6 +365,15 @@ class AccountsService(Service):
             return
         token = account.config.refresh_token
         if not token:
+            # Nothing can renew it: once it expires the account is an error,
+            # not an "active" account that would be routed to and 401.
+            expires_at = account.config.expires_at
+            if expires_at is not None and account.error is None:
+                left = expires_at / 1000.0 - self._now()
+                if left <= 0:
+                    self._expired(name)  # at once: not one request may go to it
+                else:
+                    refresher.timer = self._reactor.callLater(left, self._expired, name)
             return
         if refresher.dead_token is not None:
             if refresher.dead_token == token:
@@ -372,6 +386,44 @@ class AccountsService(Service):
         else:
             when = max(account.config.expires_at / 1000.0 - self.settings.refresh_margin, refresher.not_before)
         refresher.timer = self._reactor.callLater(max(0.0, when - self._now()), self._fire, name)
+
+    def _expired(self, name: str) -> None:
+        """
+        An access token with no refresh token reached its expiry: the
+        account can serve nothing until the user logs in again.
+        """
+        self._refresher(name).timer = None
+        account = self._pool.get(name)
+        if (
+            not self._is_oauth(account)
+            or account is None
+            or account.config.refresh_token
+            or account.error is not None
+            or account.config.expires_at is None
+        ):
+            return
+        if account.config.expires_at / 1000.0 > self._now():
+            self._arm(name)  # a reload brought a later expiry
+            return
+        message = (
+            f"its access token expired and there is no refresh token to renew it; {self._login_fix(account)}"
+        )
+        account.error = message
+        self._log.error("{account}: {message}", account=name, message=message)
+        self._hub.emit(events.ACCOUNT_ERROR, self._now(), account=name, message=message)
+        # The primary may have been this account: routing moves on now,
+        # not at the next request.
+        self._router.expire()
+
+    @staticmethod
+    def _login_fix(account: Account) -> str:
+        name = account.name
+        if account.config.import_from:
+            return (
+                f"log in to Claude Code and run `nextclaude import --name {name}` again, "
+                f"or run `nextclaude login --name {name}` to give the proxy a grant of its own"
+            )
+        return f"run `nextclaude login --name {name}` (or `nextclaude import --name {name}`) again"
 
     def _fire(self, name: str) -> None:
         self._refresher(name).timer = None
@@ -848,14 +900,7 @@ class AccountsService(Service):
         account = self._pool.get(name)
         if account is None:
             return
-        if account.config.import_from:
-            fix = (
-                f"log in to Claude Code and run `nextclaude import --name {name}` again, "
-                f"or run `nextclaude login --name {name}` to give the proxy a grant of its own"
-            )
-        else:
-            fix = f"run `nextclaude login --name {name}` (or `nextclaude import --name {name}`) again"
-        message = f"the OAuth grant is no longer valid ({error}); {fix}"
+        message = f"the OAuth grant is no longer valid ({error}); {self._login_fix(account)}"
         account.error = message
         self._log.error("{account}: {message}", account=name, message=message)
         self._hub.emit(events.ACCOUNT_ERROR, self._now(), account=name, message=message)
@@ -958,6 +1003,9 @@ class AccountsService(Service):
         poller = self._pollers[name]
         interval = self._poll_interval()
         if not self._wants_poll(account, self._now()):
+            # Fresher figures came with requests (or the account is dead,
+            # which its own error says): the endpoint's trouble is moot.
+            self._problems.clear(name, USAGE_UNREACHABLE)
             self._schedule_poll(name, self._jittered(interval))
             return
         poller.sent_at = self._now()
@@ -974,11 +1022,19 @@ class AccountsService(Service):
                 error=str(error),
                 delay=delay,
             )
+            if error.kind in _UNREACHABLE_KINDS:
+                self._problems.raise_problem(
+                    name,
+                    USAGE_UNREACHABLE,
+                    f"the usage endpoint cannot be read ({error}); its quota figures come only from requests "
+                    "until it answers again",
+                )
             if error.kind == "unauthorized" and poller.failures == 1:
                 await self.refresh(account)
             self._schedule_poll(name, delay)
             return
         poller.failures = 0
+        self._problems.clear(name, USAGE_UNREACHABLE)
         now = self._now()
         current = self._pool.get(name)
         if current is not None and windows and not self._has_fresh_headers(current, now):
@@ -1014,6 +1070,9 @@ class AccountsService(Service):
                 self._cancel(poller.timer)
                 if poller.inflight is not None:
                     poller.inflight.cancel()
+        # A disabled, re-enabled or re-prioritised account moves the
+        # primary now, so status tells the truth before the next request.
+        self._router.expire()
         for account in self._pool:
             if account.name in added or before.get(account.name) != account.config:
                 self._arm(account.name)
@@ -1021,6 +1080,7 @@ class AccountsService(Service):
                 self._schedule_poll(account.name, 0.0)
         # The file changed: unsaved pairs (and those the guard put back) get a try.
         self._save_all()
+        self._problems.clear(None, CONFIG_REFUSED)
         changed = [n for n in before if n not in removed and self._pool.get(n).config != before[n]]  # type: ignore[union-attr]
         if added or removed or changed:
             self._log.info(
@@ -1041,6 +1101,14 @@ class AccountsService(Service):
                 path=str(e.path),
                 problem=e.problem,
                 count=len(self._pool),
+            )
+            # Shown until a reload works: an edit that never took effect
+            # must not look as if it had.
+            self._problems.raise_problem(
+                None,
+                CONFIG_REFUSED,
+                f"{e.path}: {e.problem}; the change was not loaded and the {len(self._pool)} running "
+                "account(s) stay as they were until the file is fixed",
             )
         except Exception:
             self._log.failure("reloading the accounts failed; the running accounts stay")

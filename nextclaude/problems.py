@@ -30,6 +30,12 @@ TOKEN_UNSAVED = "token-unsaved"
 TOKEN_IN_MEMORY = "token-in-memory"
 #: The request log (``--log-to``) cannot be written.
 REQUEST_LOG = "request-log"
+#: The OAuth usage endpoint cannot be read for an account (network, timeout,
+#: server error): its quota figures are as old as its last request.
+USAGE_UNREACHABLE = "usage-unreachable"
+#: An automatic reload (file watcher, SIGHUP) found the config file broken
+#: and kept the running accounts; cleared by the next reload that works.
+CONFIG_REFUSED = "config-refused"
 
 
 @dataclass(frozen=True)

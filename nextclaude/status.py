@@ -39,7 +39,44 @@ def account_snapshot(router: Router, account: Account, now: float) -> dict[str, 
         else None,
         "windows": windows,
         "usage": account.usage.to_json(),
+        # Added in issue 15 (labels that say what is true): where this
+        # draining account's sessions go, and a pin whose traffic spilled.
+        "movesTo": router.successor
+        if account.name in router.draining and router.successor not in (None, account.name)
+        else None,
+        "spill": _spill(router, account, now),
     }
+
+
+def _spill(router: Router, account: Account, now: float) -> dict[str, Any] | None:
+    """
+    For the manual pin while new traffic goes elsewhere: why (C{full},
+    or its status: throttled, error, …), where traffic goes instead, and
+    until when (the reset that brings it back), else None.
+    """
+    if account.name != router.manual or router.primary in (None, account.name):
+        return None
+    status = router.status_of(account).value
+    switch = router.pool.thresholds.switch
+    full = [
+        window
+        for name, window in account.live_windows(now).items()
+        if name != "overage"
+        and ((window.utilization is not None and window.utilization >= switch) or window.status == "rejected")
+    ]
+    until: float | None = None
+    if full or status in ("armed", "exhausted"):
+        why = "full"
+        resets = [window.reset for window in full if window.reset is not None]
+        if account.exhausted_until is not None and account.exhausted_until > now:
+            resets.append(account.exhausted_until)
+        # Back when every full window has reset.
+        until = max(resets) if resets else None
+    else:
+        why = status
+        if status == "throttled":
+            until = account.throttled_until
+    return {"why": why, "trafficOn": router.primary, "until": until}
 
 
 def snapshot(
@@ -63,6 +100,9 @@ def snapshot(
         "uptime": max(0.0, now - started),
         "listen": {"host": host, "port": port},
         "primary": router.primary,
+        # Where the next move goes, and the manual pin (null when none).
+        "successor": router.successor,
+        "manual": router.manual,
         "sessions": router.tracked_sessions(),
         "switchThreshold": router.pool.thresholds.switch,
         "hardThreshold": router.pool.thresholds.hard,

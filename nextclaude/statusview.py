@@ -5,7 +5,8 @@ schema) rendered in PRODUCT.md's format.  Pure: the clock is a parameter.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping
 
 from nextclaude.humanize import duration, tokens
 from nextclaude.problems import ACCOUNT_ERROR
@@ -42,11 +43,30 @@ def _hit_text(usage: Mapping[str, Any]) -> str:
     return "–" if hit is None else f"{hit}%"
 
 
+def spill_text(account: Mapping[str, Any], localtime: Callable[[float], time.struct_time] = time.localtime) -> str | None:
+    """
+    Why the manual pin takes no new traffic and where it goes instead:
+    C{"full, traffic on sim-3 until 14:05"}, or None when the pin serves.
+    """
+    spill = account.get("spill")
+    if not isinstance(spill, Mapping) or not spill.get("trafficOn"):
+        return None
+    text = f"{spill.get('why') or 'not serving'}, traffic on {spill['trafficOn']}"
+    until = spill.get("until")
+    if isinstance(until, (int, float)):
+        text += f" until {time.strftime('%H:%M', localtime(until))}"
+    return text
+
+
 def _status_word(account: Mapping[str, Any], now: float) -> str:
     status = account.get("status") or "unknown"
     flags = account.get("flags") or []
     words = [status]
-    if "successor" in flags:
+    if status == "draining" and account.get("movesTo"):
+        words = [f"draining → {account['movesTo']}"]
+    # The primary takes moves too when it is also the successor: saying
+    # both would read as a contradiction, and ">" already marks it.
+    if "successor" in flags and "primary" not in flags:
         # An active successor is simply "the successor"; any other status stays visible.
         words = ["successor"] if status == "active" else [status, "successor"]
     until = account.get("exhaustedUntil") if status == "exhausted" else None
@@ -69,13 +89,21 @@ def _window_line(name: str, window: Mapping[str, Any], now: float) -> str:
     return line
 
 
-def _account_lines(account: Mapping[str, Any], primary: str | None, now: float) -> list[str]:
+def _account_lines(
+    account: Mapping[str, Any],
+    primary: str | None,
+    now: float,
+    localtime: Callable[[float], time.struct_time] = time.localtime,
+) -> list[str]:
     name = account.get("name", "?")
     flags = account.get("flags") or []
     marker = "> " if name == primary else "  "
     header = f"{marker}{name} ({account.get('tier') or '?'}, {_status_word(account, now)})"
     if "manual" in flags:
         header += " ★ manual"
+        spill = spill_text(account, localtime)
+        if spill:
+            header += f" · {spill}"
     lines = [header]
     if account.get("error"):
         lines.append(f"  error: {account['error']}")

@@ -875,3 +875,127 @@ class LogHygieneTests(Harness):
         for secret in secrets:
             self.assertNotIn(secret, joined)
             self.assertNotIn(secret.split("-")[-1], joined)
+
+
+class CannotServeTests(Harness):
+    """
+    Issue 15, item 14: an account that cannot serve is an error with its
+    fix, and background failures are problems until resolved.
+    """
+
+    poll_usage = True
+
+    def test_expired_without_refresh_token_is_an_error(self) -> None:
+        """
+        An OAuth account whose access token expired and has no refresh
+        token is an error at start-up (with the login command that fixes
+        it), is not routed to, and the status snapshot's problems name it.
+        """
+        from nextclaude.pool import Status
+
+        account = self.oauth_account("a", expires_in=-60)
+        update_account(self.path, "a", {"refreshToken": None})
+        self.oauth_account("b", expires_in=8 * HOUR)
+        self.start()
+        a = self.account("a")
+        self.assertEqual(self.pool.status(a, self.clock.seconds()), Status.ERROR)
+        self.assertIn("expired and there is no refresh token", a.error or "")
+        self.assertIn("nextclaude login --name a", a.error or "")
+        self.assertEqual(self.router.status_of(a), Status.ERROR)
+        self.assertEqual([p["kind"] for p in self.problems.snapshot() if p["account"] == "a"], ["account-error"])
+        decision = self.router.route(self.router.open(turn(X)))
+        self.assertEqual(decision.account.name, "b")
+        self.assertNotEqual(self.router.primary, "a")
+        del account
+
+    def test_becomes_an_error_when_it_expires(self) -> None:
+        """
+        A token with no refresh token that is still valid serves until its
+        expiry, then turns into an error on the clock, not at the next 401.
+        """
+        self.oauth_account("a", expires_in=HOUR)
+        update_account(self.path, "a", {"refreshToken": None})
+        self.start()
+        self.assertIsNone(self.account("a").error)
+        self.clock.advance(HOUR - 1)
+        self.assertIsNone(self.account("a").error)
+        self.clock.advance(1)
+        self.assertIn("expired and there is no refresh token", self.account("a").error or "")
+        self.assertEqual([e.kind for e in self.events if e.kind == events.ACCOUNT_ERROR], [events.ACCOUNT_ERROR])
+
+    def test_a_new_login_clears_it(self) -> None:
+        """
+        Logging in again (new tokens in the file, picked up by the reload)
+        clears the error and its problem.
+        """
+        self.oauth_account("a", expires_in=-60)
+        update_account(self.path, "a", {"refreshToken": None})
+        self.start()
+        self.assertIsNotNone(self.account("a").error)
+        access, refresh, _ = self.fake.issue("alice@example.com")
+        update_account(
+            self.path,
+            "a",
+            {"accessToken": access, "refreshToken": refresh, "expiresAt": int((self.clock.seconds() + HOUR) * 1000)},
+        )
+        self.clock.advance(2)
+        self.assertIsNone(self.account("a").error)
+        self.problems.sync_accounts({account.name: account.error for account in self.pool})
+        self.assertEqual(self.problems.snapshot(), [])
+
+    def test_usage_endpoint_unreachable_is_a_problem_until_it_answers(self) -> None:
+        """
+        A usage poll that cannot reach the endpoint (a 502, twice) raises a
+        usage-unreachable problem for the account, once; the next poll that
+        works clears it.
+        """
+        from nextclaude.problems import USAGE_UNREACHABLE
+
+        self.oauth_account("a", expires_in=24 * HOUR)
+        self.start()
+        self.fake.fail_usage(502, count=2)
+        self.clock.advance(0)
+        shown = self.problems.snapshot()
+        self.assertEqual([(p["account"], p["kind"]) for p in shown], [("a", USAGE_UNREACHABLE)])
+        self.assertIn("usage endpoint cannot be read", shown[0]["message"])
+        self.clock.advance(60)
+        self.assertEqual(len([e for e in self.events if e.kind == events.PROBLEM_RAISED]), 1)
+        self.clock.advance(120)
+        self.assertEqual(self.problems.snapshot(), [])
+        self.assertEqual([e.data["problem"] for e in self.events if e.kind == events.PROBLEM_CLEARED], [USAGE_UNREACHABLE])
+
+    def test_a_429_from_the_usage_endpoint_is_no_problem(self) -> None:
+        """
+        A 429 from the usage endpoint only means "later": no problem.
+        """
+        self.oauth_account("a", expires_in=24 * HOUR)
+        self.start()
+        self.fake.fail_usage(429, {"type": "error"}, {"retry-after": "5"})
+        self.clock.advance(0)
+        self.assertEqual(self.problems.snapshot(), [])
+
+    def test_refused_automatic_reload_is_a_problem_until_fixed(self) -> None:
+        """
+        A config file broken by an edit is not loaded by the watcher: a
+        config-refused problem names the file and the field and stays
+        while the file is broken; a reload that works clears it.
+        """
+        from nextclaude.problems import CONFIG_REFUSED
+
+        self.oauth_account("a", expires_in=8 * HOUR)
+        self.start()
+        data = json.loads(self.path.read_text())
+        data["accounts"][0]["expiresAt"] = 5
+        self.path.write_text(json.dumps(data))
+        self.clock.advance(2)
+        shown = self.problems.snapshot()
+        self.assertEqual([(p["account"], p["kind"]) for p in shown], [(None, CONFIG_REFUSED)])
+        self.assertIn(str(self.path), shown[0]["message"])
+        self.assertIn("accounts[0].expiresAt", shown[0]["message"])
+        self.assertIn("not loaded", shown[0]["message"])
+        self.clock.advance(10)
+        self.assertEqual(len(self.problems.snapshot()), 1)
+        data["accounts"][0]["expiresAt"] = int((self.clock.seconds() + 8 * HOUR) * 1000)
+        self.path.write_text(json.dumps(data))
+        self.clock.advance(2)
+        self.assertEqual(self.problems.snapshot(), [])

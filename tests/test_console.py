@@ -1317,3 +1317,142 @@ class ThemeTests(SynchronousTestCase):
         screen.type("q")
         self.successResultOf(done)
         self.assertEqual(registered, [p.palette(p.LIGHT)])
+
+
+class WrappingTests(ConsoleHarness):
+    """
+    Issue 15, item 14: messages wrap at 80 columns instead of being cut,
+    so the fix at their end stays readable.
+    """
+
+    FIX = "run `nextclaude login --name alice@example.com` (or `nextclaude import --name alice@example.com`) again"
+
+    def test_problems_wrap(self) -> None:
+        """
+        A problem longer than the screen is wrapped under a "! " with a
+        hanging indent, its last words on screen; when problems outgrow a
+        quarter of the screen, the rest are counted.
+        """
+        long = "/home/me/.config/nextclaude/config.json: accounts[0].expiresAt must be epoch milliseconds, not 5; " \
+            "the change was not loaded and the 3 running account(s) stay as they were until the file is fixed"
+        problems = [{"account": None, "kind": "config-refused", "message": long, "since": NOW}]
+        self.make_app(make_snapshot(problems=problems))
+        text = self.text()
+        self.assertIn("! /home/me/.config/nextclaude/config.json: accounts[0].expiresAt must be", text)
+        self.assertIn("until the file is fixed", text)
+        self.assertNotIn("…", "\n".join(line for line in self.screen() if "config.json" in line))
+
+        many = [dict(problems[0], account=f"a{i}", kind="usage-unreachable") for i in range(5)]
+        self.make_app(make_snapshot(problems=many))
+        lines = self.screen()
+        self.assertIn("more problems: see `nextclaude status`", "\n".join(lines))
+        problem_rows = [line for line in lines if line.startswith("! ") or "milliseconds" in line or "stay as they" in line]
+        self.assertLessEqual(len(problem_rows), 24 // 4)
+
+    def test_card_error_wraps(self) -> None:
+        """
+        An account's error shows in full on its card, wrapped, ending with
+        the command that fixes it.
+        """
+        accounts = [
+            account(ALICE, status="error", error=f"its access token expired and there is no refresh token to renew it; {self.FIX}"),
+            account(BOB, flags=("primary",)),
+        ]
+        self.make_app(make_snapshot(accounts, primary=BOB))
+        text = " ".join(line.strip() for line in self.screen())
+        self.assertIn("error: its access token expired and there is no refresh token to renew it;", text)
+        self.assertIn("`nextclaude import --name alice@example.com`) again", text)
+
+    def test_footer_message_wraps(self) -> None:
+        """
+        A footer message wider than the screen wraps over more footer
+        lines instead of being cut.
+        """
+        self.make_app()
+        self.app.say("adding the API key failed: " + self.FIX + " and then press R to reload", error=True)
+        lines = self.screen()
+        self.assertIn("adding the API key failed", lines[-2] + lines[-3])
+        self.assertIn("press R to reload", lines[-1])
+
+    def test_wrap_text(self) -> None:
+        """
+        wrap_text breaks between words, indents continuation lines, and
+        splits a word longer than a line.
+        """
+        self.assertEqual(views.wrap_text("aa bb cc", 5, "! ", "  "), ["! aa", "  bb", "  cc"])
+        self.assertEqual(views.wrap_text("abcdefgh", 5), ["abcde", "fgh"])
+        self.assertEqual(views.wrap_text("", 5, "! "), ["! "])
+
+
+class LabelTests(ConsoleHarness):
+    """
+    Issue 15, item 15: labels say what is true, and why.
+    """
+
+    def spilled(self) -> dict[str, Any]:
+        """
+        A real router whose pin (alice) is past the switch threshold, so
+        new traffic goes to bob until alice's 5h window resets.
+        """
+        pool = make_pool(ALICE, BOB)
+        alice = pool.get(ALICE)
+        assert alice is not None
+        alice.observe_quota(
+            parse_rate_limit_headers(subscription_headers(0.985, 0.30, five_reset=NOW + 2 * HOUR, seven_reset=NOW + 3 * DAY), NOW),
+            NOW,
+        )
+        router = Router(pool, lambda: NOW, EventHub())
+        router.pin(ALICE)
+        self.assertEqual(router.primary, BOB)
+        return json.loads(json.dumps(status_snapshot(router, NOW, NOW - 60, "127.0.0.1", 3456)))
+
+    def test_spilled_pin_says_where_traffic_goes(self) -> None:
+        """
+        A pin that takes no new traffic is not shown as "manual primary":
+        its card says "★ manual · full, traffic on bob until HH:MM" (the
+        reset that brings it back), bob carries the primary mark, and the
+        JSON gains a spill object (fields only added).
+        """
+        snapshot = self.spilled()
+        spill = snapshot["accounts"][0]["spill"]
+        self.assertEqual(spill, {"why": "full", "trafficOn": BOB, "until": NOW + 2 * HOUR})
+        self.assertEqual(snapshot["manual"], ALICE)
+        self.make_app(snapshot)
+        until = time.strftime("%H:%M", time.gmtime(NOW + 2 * HOUR))
+        text = self.text(SMALL)
+        self.assertIn(f"{ALICE}  subscription  active  ★ manual", text)
+        self.assertIn(f"↳ full, traffic on {BOB} until {until}", text)
+        self.assertNotIn("primary", self.line_with(ALICE))
+        self.assertIn("primary", self.line_with(f"> {BOB}"))
+
+    def test_status_text_says_it_too(self) -> None:
+        """
+        `nextclaude status` shows the same spill sentence after ★ manual.
+        """
+        from nextclaude.statusview import render_status
+
+        text = render_status(self.spilled(), NOW)
+        self.assertRegex(text, rf"  {ALICE} \(subscription, active\) ★ manual · full, traffic on {BOB} until \d\d:\d\d")
+        self.assertIn(f"> {BOB} (subscription, active)", text)
+
+    def test_primary_and_successor_on_one_account(self) -> None:
+        """
+        An account that is the primary and the successor at once is shown
+        as the primary only (console and status), while the draining
+        account says where its sessions go.
+        """
+        from nextclaude.statusview import render_status
+
+        accounts = [
+            dict(account(ALICE, status="draining"), movesTo=BOB),
+            account(BOB, flags=("primary", "successor")),
+        ]
+        snapshot = make_snapshot(accounts, primary=BOB)
+        self.make_app(snapshot)
+        bob = self.line_with(f"> {BOB}", LARGE)
+        self.assertIn("primary", bob)
+        self.assertNotIn("successor", bob)
+        self.assertIn(f"draining → {BOB}", self.line_with(ALICE, LARGE))
+        text = render_status(snapshot, NOW)
+        self.assertIn(f"> {BOB} (Pro, active)", text)
+        self.assertIn(f"  {ALICE} (Pro, draining → {BOB})", text)

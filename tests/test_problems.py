@@ -143,21 +143,23 @@ class ShownTests(SynchronousTestCase):
         self.assertNotIn("Problems:", render_status(old, NOW))
         self.assertEqual(problem_lines({"problems": ["junk", None]}), [])
 
-    def test_console_header_shows_problems_clipped(self) -> None:
+    def test_console_header_shows_problems_wrapped(self) -> None:
         """
-        The console header gains one row per problem, clipped to the
-        width; past three, the last row counts the rest.
+        The console header gains rows for each problem, wrapped to the
+        width (issue 15: messages wrap instead of being cut); when they
+        outgrow their budget of rows, the last row counts the rest.
         """
-        rows = views.problem_rows(snapshot_with(PROBLEMS), 40)
+        rows = views.problem_rows(snapshot_with(PROBLEMS), 40, budget=12)
         texts = [views.line_text(row) for row in rows]
-        self.assertEqual(len(texts), 3)
+        self.assertEqual(len(texts), 7)
         self.assertTrue(texts[0].startswith("! bob: new token held only"))
+        self.assertIn("login`", texts[2])
         self.assertTrue(all(views.width_of(t) <= 40 for t in texts))
         many = PROBLEMS + [
             {"account": name, "kind": TOKEN_UNSAVED, "message": f"{name}: unsaved", "since": NOW}
             for name in ("dan", "eve")
         ]
-        texts = [views.line_text(row) for row in views.problem_rows(snapshot_with(many), 80)]
+        texts = [views.line_text(row) for row in views.problem_rows(snapshot_with(many), 80, budget=3)]
         self.assertEqual(len(texts), 3)
         self.assertIn("3 more problems", texts[-1])
 

@@ -207,15 +207,21 @@ class VariationTests(SynchronousTestCase):
 
     def test_draining_and_successor(self) -> None:
         """
-        The draining status shows in the status word; the successor flag
-        replaces "active" there, and joins any other status.
+        The draining status shows in the status word (with where its
+        sessions go, when known); the successor flag replaces "active"
+        there, and joins any other status; on the primary (">") it is not
+        repeated, which would read as a contradiction.
         """
         data = example_snapshot()
         data["accounts"][0]["status"] = "draining"
         data["accounts"][1]["flags"] = ["primary", "successor"]
         lines = self.lines(data)
         self.assertEqual(lines[2], "  alice@example.com (Pro, draining)")
-        self.assertEqual(lines[7], "> bob@example.com (Max, successor)")
+        self.assertEqual(lines[7], "> bob@example.com (Max, active)")
+        data["accounts"][0]["movesTo"] = "bob@example.com"
+        self.assertEqual(self.lines(data)[2], "  alice@example.com (Pro, draining → bob@example.com)")
+        data["accounts"][1]["flags"] = ["successor"]
+        self.assertEqual(self.lines(data)[7], "> bob@example.com (Max, successor)")
         data["accounts"][1]["status"] = "armed"
         self.assertEqual(self.lines(data)[7], "> bob@example.com (Max, armed, successor)")
 

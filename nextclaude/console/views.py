@@ -19,7 +19,7 @@ from nextclaude import events as kinds
 from nextclaude.console import palette as p
 from nextclaude.humanize import duration, tokens
 from nextclaude.problems import ACCOUNT_ERROR as ACCOUNT_ERROR_KIND
-from nextclaude.statusview import primary_text, problem_lines
+from nextclaude.statusview import primary_text, problem_lines, spill_text
 
 Segment = tuple[str | None, str]
 Line = list[Segment]
@@ -36,6 +36,10 @@ LEVELS = (FULL, NORMAL, COMPACT, ONE_LINE)
 
 # A cold rebuild (PRODUCT.md): cache_creation above cache_read and 1,000.
 COLD_MINIMUM = 1000
+
+# A problem stays on screen until it is resolved, so a long list must not
+# push the accounts away: past this many rows, one line counts the rest.
+MAX_PROBLEM_ROWS = 6
 
 # Routing reasons (DESIGN.md, point 11) by how remarkable they are.
 _ROUTINE = {"affinity", "primary", "manual"}
@@ -100,6 +104,49 @@ def fit_name(name: str, width: int) -> str:
     tail = (width - 1) // 2
     head = width - 1 - tail
     return fit(name[:head] + "…" + name[len(name) - tail :], width)
+
+
+def wrap_text(text: str, width: int, first: str = "", rest: str = "") -> list[str]:
+    """
+    C{text} broken between words into lines of at most C{width} columns,
+    the first starting with C{first}, the others with C{rest} (a hanging
+    indent); a word longer than a line is split.  Messages wrap instead of
+    being cut: the end of a message is often the fix.
+    """
+    lines: list[str] = []
+    current = first
+    fresh = True
+    for word in text.split():
+        gap = "" if fresh else " "
+        if width_of(current + gap + word) <= width:
+            current += gap + word
+            fresh = False
+            continue
+        if not fresh:
+            lines.append(current)
+            current, fresh = rest, True
+        while width_of(current + word) > width and width > width_of(current) + 1:
+            room = width - width_of(current)
+            cut = ""
+            for char in word:
+                if width_of(cut + char) > room:
+                    break
+                cut += char
+            lines.append(current + cut)
+            word = word[len(cut) :]
+            current = rest
+        current += word
+        fresh = False
+    if not fresh or not lines:
+        lines.append(current)
+    return lines
+
+
+def wrapped(text: str, width: int, attr: str | None, first: str = "", rest: str = "") -> list[Line]:
+    """
+    L{wrap_text} as lines of one attribute.
+    """
+    return [[(attr, line)] for line in wrap_text(text, width, first, rest)]
 
 
 def clip_line(line: Line, width: int) -> Line:
@@ -308,7 +355,9 @@ def header_parts(snapshot: Snapshot, now: float) -> list[Line]:
     return parts
 
 
-def header_lines(snapshot: Snapshot | None, now: float, width: int) -> list[Line]:
+def header_lines(
+    snapshot: Snapshot | None, now: float, width: int, problem_budget: int = MAX_PROBLEM_ROWS
+) -> list[Line]:
     """
     The header: version, accounts, sessions, overall cache hit %, tokens
     in/out, requests, uptime, listening address, primary — on one line when
@@ -318,24 +367,29 @@ def header_lines(snapshot: Snapshot | None, now: float, width: int) -> list[Line
         return [[(p.TITLE, "NextClaude"), (p.HEADER_DIM, " · waiting for the proxy's status…")]]
     lines = pack(header_parts(snapshot, now), width, attr=p.HEADER_DIM)
     lines = [line + [(p.HEADER, " " * max(0, width - line_width(line)))] for line in lines]
-    return lines + problem_rows(snapshot, width)
+    return lines + problem_rows(snapshot, width, problem_budget)
 
 
-# A problem stays on screen until it is resolved, so a long list must not
-# push the accounts away: past this many, one line counts the rest.
-MAX_PROBLEM_ROWS = 3
-
-
-def problem_rows(snapshot: Snapshot, width: int) -> list[Line]:
+def problem_rows(snapshot: Snapshot, width: int, budget: int = MAX_PROBLEM_ROWS) -> list[Line]:
     """
     The unresolved problems (an account error shows on its card instead),
-    one clipped row each, at most L{MAX_PROBLEM_ROWS}.
+    each wrapped over as many rows as it needs, in at most C{budget} rows;
+    the problems that do not fit are counted on the last row.
     """
     texts = problem_lines(snapshot)
-    if len(texts) > MAX_PROBLEM_ROWS:
-        more = len(texts) - (MAX_PROBLEM_ROWS - 1)
-        texts = texts[: MAX_PROBLEM_ROWS - 1] + [f"{more} more problems: see `nextclaude status`"]
-    return [clip_line([(p.BAD, f"! {text}")], width) for text in texts]
+    rows: list[Line] = []
+    for index, text in enumerate(texts):
+        lines = wrapped(text, width, p.BAD, "! ", "  ")
+        left = len(texts) - index
+        if len(rows) + len(lines) > budget - (1 if left > 1 else 0):
+            more = left
+            rows = rows[: max(0, budget - 1)]
+            rows.append(
+                clip_line([(p.BAD, f"! {more} more problem{'s' if more != 1 else ''}: see `nextclaude status`")], width)
+            )
+            return rows
+        rows += lines
+    return rows
 
 
 # -- account cards ---------------------------------------------------------------
@@ -354,6 +408,9 @@ _STATUS_ATTR = {
 def status_words(account: Mapping[str, Any], now: float) -> Line:
     status = str(account.get("status") or "?")
     line: Line = [(_STATUS_ATTR.get(status, p.TEXT), status)]
+    if status == "draining" and account.get("movesTo"):
+        # Where its sessions go at their cheap moments.
+        line.append((p.SUCCESSOR, f" → {account['movesTo']}"))
     until = account.get("throttledUntil") if status == "throttled" else None
     if status == "exhausted":
         until = account.get("exhaustedUntil") or soonest_reset(account, now)
@@ -372,12 +429,23 @@ def soonest_reset(account: Mapping[str, Any], now: float) -> float | None:
     return min(future) if future else None
 
 
-def card_title(account: Mapping[str, Any], now: float, name_width: int | None = None, words: bool = True) -> Line:
+def card_title(
+    account: Mapping[str, Any],
+    now: float,
+    name_width: int | None = None,
+    words: bool = True,
+    localtime: LocalTime = time.localtime,
+) -> Line:
     """
     C{> alice@example.com  Pro  active  ★ manual  primary}: the primary is
     marked by C{>} (as in C{nextclaude status}), the successor by C{→}.
+    An account that is both shows as the primary alone; a pin whose
+    traffic spilled says why and where (C{★ manual · full, traffic on
+    sim-3 until 14:05}).
     """
-    flags = account.get("flags") or []
+    flags = list(account.get("flags") or [])
+    if "primary" in flags and "successor" in flags:
+        flags.remove("successor")
     name = str(account.get("name", "?"))
     if name_width is not None:
         name = fit_name(name, name_width)
@@ -438,14 +506,41 @@ def _windows(account: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {name: window for name, window in windows.items() if isinstance(window, Mapping)}
 
 
-def _error_line(account: Mapping[str, Any]) -> Line | None:
+def titled(account: Mapping[str, Any], now: float, width: int, localtime: LocalTime) -> list[Line]:
+    """
+    The card's title, and for a pin whose traffic spilled the reason and
+    where the traffic goes: on the title line when it fits, else wrapped
+    under it.
+    """
+    title = card_title(account, now, localtime=localtime)
+    spill = spill_text(account, localtime)
+    if not spill:
+        return [title]
+    inline = title + [(p.WARN, f" · {spill}")]
+    if line_width(inline) <= width:
+        return [inline]
+    return [title] + wrapped(spill, width, p.WARN, "    ↳ ", "      ")
+
+
+def _error_lines(account: Mapping[str, Any], width: int) -> list[Line]:
+    """
+    The account's error, wrapped under the card's title (its fix is at the
+    end of the message, so it must not be cut).
+    """
     error = account.get("error")
     if account.get("status") == "error" or error:
-        return [(None, "  "), (p.BAD, f"error: {error or 'unknown'}")]
-    return None
+        return wrapped(f"error: {error or 'unknown'}", width, p.BAD, "  ", "    ")
+    return []
 
 
-def card_lines(account: Mapping[str, Any], now: float, level: str, width: int, switch: float = 0.98) -> list[Line]:
+def card_lines(
+    account: Mapping[str, Any],
+    now: float,
+    level: str,
+    width: int,
+    switch: float = 0.98,
+    localtime: LocalTime = time.localtime,
+) -> list[Line]:
     """
     One account card at a detail level, each line at most C{width} wide:
 
@@ -462,7 +557,7 @@ def card_lines(account: Mapping[str, Any], now: float, level: str, width: int, s
     lines: list[Line]
     if level == FULL:
         bar_width = max(10, min(40, width - 42))
-        lines = [card_title(account, now)]
+        lines = titled(account, now, width, localtime) + _error_lines(account, width)
         # Other windows (per-model weekly ones) when they carry a figure;
         # "overage" and the like only have a status, which the status word says.
         names = ["5h", "7d"] + sorted(
@@ -474,32 +569,26 @@ def card_lines(account: Mapping[str, Any], now: float, level: str, width: int, s
             lines.append([(None, "  ")] + window_line(name, windows.get(name), now, bar_width, switch, True))
         lines.append([(None, "  "), (p.DIM, "cache: ")] + cache_segments(usage, True))
         lines.append([(None, "  "), (p.DIM, "tokens: ")] + token_segments(usage, True))
-        error = _error_line(account)
-        if error:
-            lines.insert(1, error)
     elif level == NORMAL:
         bar_width = max(6, min(24, (width - 36) // 2))
         lines = [
-            card_title(account, now),
+            *titled(account, now, width, localtime),
             [(None, "  ")]
             + window_line("5h", windows.get("5h"), now, bar_width, switch, False)
             + [(None, "   ")]
             + window_line("7d", windows.get("7d"), now, bar_width, switch, False),
             [(None, "  ")] + cache_segments(usage, False) + [(p.DIM, " · ")] + token_segments(usage, False),
         ]
-        error = _error_line(account)
-        if error:
-            lines.insert(1, error)
+        lines[len(lines) - 2 : len(lines) - 2] = _error_lines(account, width)
     elif level == COMPACT:
         bar_width = max(4, min(16, (width - 54) // 2))
         title = card_title(account, now, words=False)
-        error = account.get("error")
-        if error:
-            title += [(None, "  "), (p.BAD, str(error))]
-        else:
+        error_lines = _error_lines(account, width)
+        if not error_lines:
             title += [(None, "  ")] + cache_segments(usage, False)
         lines = [
             title,
+            *error_lines,
             [(None, "  ")]
             + window_line("5h", windows.get("5h"), now, bar_width, switch, False)
             + [(None, "  ")]

@@ -27,6 +27,7 @@ from nextclaude.console.views import (
     header_lines,
     line_width,
     width_of,
+    wrapped,
 )
 
 Size = tuple[()] | tuple[int] | tuple[int, int]
@@ -83,7 +84,7 @@ def card_block(model: Model, cols: int, budget: int, full_budget: int | None = N
     # The detailed levels try a blank line between rows of cards first.
     tries = [(level, gap) for level in LEVELS for gap in ((True, False) if level in (FULL, NORMAL) else (False,))]
     for level, gap in tries:
-        cards = [card_lines(account, now, level, card_width, model.switch) for account in accounts]
+        cards = [card_lines(account, now, level, card_width, model.switch, model.localtime) for account in accounts]
         lines: list[Line] = []
         for start in range(0, len(cards), per_row):
             if lines and gap:
@@ -117,25 +118,47 @@ def footer_line(model: Model, cols: int) -> Line:
     return keys + [(p.FOOTER, " " * max(1, gap)), (attr, text), (p.FOOTER, " ")]
 
 
+# A message longer than the footer wraps over at most this many lines.
+MESSAGE_ROWS = 3
+
+
+def footer_lines(model: Model, cols: int) -> list[Line]:
+    """
+    The footer: one line of keys and the latest message, or, when the
+    message does not fit beside the keys, the message wrapped over up to
+    L{MESSAGE_ROWS} lines (it matters more than the keys for the seconds
+    it shows, and its end is often what to do).
+    """
+    message = model.message
+    if message is None or width_of(message[1]) <= cols - 2:
+        return [footer_line(model, cols)]
+    attr, text = message
+    lines = wrapped(text, cols, attr, " ", " ")
+    if len(lines) > MESSAGE_ROWS:
+        lines = lines[: MESSAGE_ROWS - 1] + [clip_line([(attr, " " + " ".join(l[0][1] for l in lines[MESSAGE_ROWS - 1 :]))], cols)]
+    return [pad_line(line, cols, attr) for line in lines]
+
+
 def screen_lines(model: Model, cols: int, rows: int) -> list[Line]:
     """
     The whole dashboard as exactly C{rows} lines of at most C{cols}
-    columns: header, cards, activity log (it gets what is left), footer.
+    columns: header (with the problems), cards, activity log (it gets what
+    is left), footer.
     """
     if rows <= 0 or cols <= 0:
         return []
     now = model.now()
-    header = header_lines(model.snapshot, now, cols)
-    footer = footer_line(model, cols)
-    body = rows - len(header) - 1
+    header = header_lines(model.snapshot, now, cols, max(1, rows // 4))
+    footer_rows = footer_lines(model, cols)
+    body = rows - len(header) - len(footer_rows)
     if body < 0:
-        return (header + [footer])[-rows:]
+        return (header + footer_rows)[-rows:]
     budget = min(int(rows * CARD_SHARE), body - LOG_MINIMUM)
     cards = card_block(model, cols, max(0, budget), int(rows * FULL_CARD_SHARE))
     log_rows = body - len(cards)
     log = model.log_lines(cols, log_rows)
     log += [[] for _ in range(log_rows - len(log))]
-    return header + cards + log + [footer]
+    return header + cards + log + footer_rows
 
 
 # -- widgets ----------------------------------------------------------------------
