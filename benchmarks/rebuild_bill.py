@@ -9,7 +9,8 @@ and the simulator share a clock the driver moves between requests.
 
 Prints the parameters, then per policy: turns done, 429s the client saw,
 total cache_creation, the excess over one unlimited account, stranded quota
-and how many session moves it made.
+and how many session moves it made.  It measures the checkout it sits in
+(the repository root goes first on the import path), whatever is installed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+# The checkout's nextclaude, never an installed copy: run as a script, the
+# interpreter puts benchmarks/ first on the path, and an installed package
+# (a normal `pip install .` in the virtualenv) would be measured instead.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred

@@ -21,6 +21,7 @@ Pure apart from the process pool: time is virtual, every shape is seeded.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import random
@@ -32,7 +33,7 @@ from typing import Iterable, Sequence
 from nextclaude.pool import Thresholds
 from nextclaude.router import ARMING, FULL, NAIVE, SEQUENTIAL
 from nextclaude.simulate import FIVE_HOURS, SEVEN_DAYS, SimAnswer
-from nextclaude.workload import PlannedRequest, RunResult, UpstreamSpec, Workload, WorkloadSpec, drive
+from nextclaude.workload import MAIN_KINDS, PlannedRequest, RunResult, UpstreamSpec, Workload, WorkloadSpec, drive
 
 FAMILY_POLICIES = (FULL, ARMING, NAIVE, SEQUENTIAL)
 POLICY_COLUMNS = {FULL: "NextClaude", ARMING: "arming", NAIVE: "naive", SEQUENTIAL: "sequential"}
@@ -155,6 +156,10 @@ class Reference:
     burns: tuple[tuple[float, float], ...]
     prefix_tokens: int
     subagent_prefix_tokens: int
+    # When each main and each subagent request was sent, and whether its
+    # prefix (the shared one, the subagents' own) was read from the cache.
+    prefix_reads: tuple[tuple[float, bool], ...] = ()
+    subagent_prefix_reads: tuple[tuple[float, bool], ...] = ()
 
     @property
     def total_burn(self) -> float:
@@ -167,16 +172,25 @@ def reference(shape: Shape) -> Reference:
     account = sim.accounts[0]
     credentials = account.credential_headers()
     burns: list[tuple[float, float]] = []
+    reads: dict[str, list[tuple[float, bool]]] = {"main": [], "subagent": []}
+    prefixes = {"main": workload.prefix_tokens, "subagent": workload.subagent_prefix_tokens}
 
     def send(request: PlannedRequest, now: float) -> SimAnswer:
         before = account.used_7d
         answer = sim.answer({**request.headers, **credentials}, request.data, now, path=request.path)
         if account.used_7d > before:
             burns.append((now, account.used_7d - before))
+        kind = "subagent" if request.kind == "subagent" else "main" if request.kind in MAIN_KINDS else None
+        if kind is not None and answer.usage is not None:
+            read = answer.usage.get("cache_read_input_tokens", 0)
+            reads[kind].append((now, read >= prefixes[kind]))
         return answer
 
     result = drive(workload, send)
-    return Reference(result, tuple(burns), workload.prefix_tokens, workload.subagent_prefix_tokens)
+    return Reference(
+        result, tuple(burns), workload.prefix_tokens, workload.subagent_prefix_tokens,
+        tuple(reads["main"]), tuple(reads["subagent"]),
+    )
 
 
 def sized(shape: Shape, ref: Reference) -> UpstreamSpec:
@@ -186,31 +200,44 @@ def sized(shape: Shape, ref: Reference) -> UpstreamSpec:
 
 def floor(shape: Shape, upstream: UpstreamSpec, ref: Reference, hard: float = Thresholds().hard) -> int:
     """
-    The least excess any policy can reach: over every order of the
-    accounts, use them one after another as the task's burn arrives (an
-    account's windows start at its first use and reset 5 h / 7 d later; a
-    re-entry after a reset is an opening), and price each opening after the
-    first at the shared prefix (plus the subagents' prefix when the shape
-    has subagents).  Moving right after a compaction re-bills no more than
-    that, so no policy can do better.
+    The least excess any policy can reach (issue 11): the minimum over
+    account orders of what the accounts opened after the first cost, using
+    them one after another as the task's burn arrives (an account's windows
+    start at its first use and reset 5 h / 7 d later; a re-entry after a
+    reset is an opening).  Moving right after a compaction re-bills no more
+    than the shared prefix on the account opened, plus the subagents' own
+    prefix when subagents run, so no policy can do better; and only what
+    the single account would have read from its cache is a re-bill: an
+    opening while the prefix had gone cold there anyway (every session idle
+    past the TTL, subagents minutes apart) costs nothing extra.
     """
     sim = upstream.build()
     caps = [(hard * a.five_hour_tokens, hard * a.seven_day_tokens) for a in sim.accounts]
-    per_opening = ref.prefix_tokens + (ref.subagent_prefix_tokens if shape.spec.subagents else 0)
-    best: int | None = None
+    parts = [(ref.prefix_tokens, ref.prefix_reads)]
+    if shape.spec.subagents:
+        parts.append((ref.subagent_prefix_tokens, ref.subagent_prefix_reads))
+    best: float | None = None
     for order in itertools.permutations(range(len(caps))):
-        openings = _openings(ref.burns, caps, order)
-        best = openings if best is None else min(best, openings)
-    return max(0, (best or 1) - 1) * per_opening
+        times = _openings(ref.burns, caps, order)[1:]
+        cost = sum(tokens * _warm_after(reads, at) for at in times for tokens, reads in parts)
+        best = cost if best is None else min(best, cost)
+    return int(best or 0)
 
 
-def _openings(burns: Iterable[tuple[float, float]], caps: Sequence[tuple[float, float]], order: Sequence[int]) -> int:
+def _warm_after(reads: Sequence[tuple[float, bool]], at: float) -> bool:
+    """Whether the first such request at or after C{at} read its prefix from the cache (True when none follows)."""
+    index = bisect.bisect_left(reads, (at, False))
+    return reads[index][1] if index < len(reads) else False
+
+
+def _openings(burns: Iterable[tuple[float, float]], caps: Sequence[tuple[float, float]], order: Sequence[int]) -> list[float]:
+    """When each account is opened (the first at the first burn), using them in C{order}, each while below its caps."""
     n = len(caps)
     used = [[0.0, 0.0] for _ in range(n)]
     starts: list[list[float | None]] = [[None, None] for _ in range(n)]
     lengths = (FIVE_HOURS, SEVEN_DAYS)
     current: int | None = None
-    openings = 0
+    openings: list[float] = []
     for now, burn in burns:
         for account in range(n):
             for w in (0, 1):
@@ -228,7 +255,7 @@ def _openings(burns: Iterable[tuple[float, float]], caps: Sequence[tuple[float, 
             if chosen is None:
                 continue
             current = chosen
-            openings += 1
+            openings.append(now)
         for w in (0, 1):
             if starts[current][w] is None:
                 starts[current][w] = now

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from nextclaude.pool import Account, AccountPool
 from nextclaude.sessions import Session
@@ -51,19 +51,32 @@ PRIOR_WEEK_IN_WINDOWS = 10.0
 PRIOR_READ_WEIGHT = 0.05
 # How much the priors weigh against readings: about one reading a tenth of
 # a window along.  A few readings outweigh them; one rounded to 0.05 does not.
-PRIOR_STRENGTH = 0.01
-# Prior cost of a compaction cycle (uncached tokens, cache reads) until some
-# session has completed one: Claude Code's cycle at a 200k context.
-PRIOR_CYCLE = (120_000.0, 1_500_000.0)
-KEPT_CYCLES = 5
+PRIOR_STRENGTH = 1e-3
+# Claude Code compacts when the context nears the model's window, minus
+# about 13k tokens (PROTOCOL.md): until a session of the pool has been seen
+# compacting, the context it compacts at is taken from the smallest of these
+# windows its context has not outgrown.
+MODEL_WINDOWS = (200_000, 1_000_000)
+COMPACTION_RESERVE = 13_000
+# Context a main turn adds until a session has shown its own growth: tool
+# results plus a reply, a few thousand tokens.
+PRIOR_GROWTH = 3_000.0
+# Growth is a session's own once it has grown its context this many times.
+MIN_STEPS = 2
+KEPT_COMPACTIONS = 20
+# The ledger's point sums: uu, ur, rr, ux, rx, xx, count; kept under two
+# hypotheses about what a reading counts (WindowLedger).
+SUMS = 7
+BEFORE_OWN, SHOWS_OWN = 0, 1
 # "Covers its next full cycle with a margin": a share of the cycle, plus
 # slack for readings rounded to 0.01-0.05 and lagging a few requests.
 MARGIN = 0.1
 SLACK = 0.02
 # A session past its expected cycle still reserves this share of one.
 MIN_REMAINING = 0.1
-# A session in its first cycle is still tiny (cheap to move) below this
-# share of a cycle: its context is little more than the shared prefix.
+# A session in its first cycle is still tiny (cheap to move) while it has
+# done less than this share of the cycle: its context is little more than
+# the shared prefix.
 TINY = 0.1
 
 # A cost: (uncached tokens, cache reads).  Uncached is input + cache
@@ -93,53 +106,90 @@ class WindowLedger:
     point (uncached, reads, rise) counted from the window's first reading;
     a least-squares fit through them, pulled towards the priors, gives the
     window's scale and the weight of a cache read.
+
+    Whether a reading already counts the request it came with is not
+    documented (headers come before their own response's output; an
+    upstream may count the input first): the points are kept under both
+    readings of it, and the fit that explains the rises better is used.
+    Cumulative points make a lag of a few requests (sessions streaming at
+    once, readings rounded to 0.01-0.05) matter less and less.
     """
 
-    # Sums over points: uu, ur, rr, ux, rx (x the rise).
-    sums: list[float] = field(default_factory=lambda: [0.0] * 5)
+    # Per hypothesis (BEFORE_OWN, SHOWS_OWN): sums over its points of uu,
+    # ur, rr, ux, rx, xx and the point count (x the rise).
+    sums: list[list[float]] = field(default_factory=lambda: [[0.0] * SUMS, [0.0] * SUMS])
     points: int = 0
     last: float | None = None
     reset: float | None = None
     anchor: float = 0.0
-    uncached: float = 0.0
-    reads: float = 0.0
-    # Usage finished since the last rise, per session key, waiting for the
-    # reading that shows it.
+    totals: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0], [0.0, 0.0]])
+    # Usage finished and not shown yet, per session key (a reading that
+    # does not count its own request), and in all (one that does).
     pending: dict[str, list[float]] = field(default_factory=dict)
+    pending_own: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def to_json(self) -> dict[str, Any]:
-        return {"sums": list(self.sums), "points": self.points}
+        return {"sums": list(self.sums[BEFORE_OWN]), "sumsOwn": list(self.sums[SHOWS_OWN]), "points": self.points}
 
     @classmethod
     def from_json(cls, data: object) -> WindowLedger:
         ledger = cls()
         if isinstance(data, dict):
-            sums = data.get("sums")
-            if isinstance(sums, list) and len(sums) == 5 and all(_finite(v) is not None for v in sums):
-                ledger.sums = [float(v) for v in sums]
+            for key, hypothesis in (("sums", BEFORE_OWN), ("sumsOwn", SHOWS_OWN)):
+                sums = data.get(key)
+                if isinstance(sums, list) and len(sums) == SUMS and all(_finite(v) is not None for v in sums):
+                    ledger.sums[hypothesis] = [float(v) for v in sums]
             points = data.get("points")
             ledger.points = points if type(points) is int and points >= 0 else 0
         return ledger
 
-    def fit(self, scale_prior: float, weight_prior: float) -> tuple[float, float]:
-        """(scale, read weight): utilization per uncached token, and a read's weight against one."""
-        uu, ur, rr, ux, rx = self.sums
+    def hold(self, key: str, cost: Sequence[float]) -> None:
+        """Usage no reading has shown yet."""
+        if cost[0] + cost[1] <= 0:
+            return
+        pending = self.pending.setdefault(key, [0.0, 0.0])
+        pending[0] += cost[0]
+        pending[1] += cost[1]
+        self.pending_own[0] += cost[0]
+        self.pending_own[1] += cost[1]
+
+    def _add(self, hypothesis: int, pending: Sequence[float], x: float) -> bool:
+        if pending[0] + pending[1] <= 0:
+            return False
+        total = self.totals[hypothesis]
+        total[0] += pending[0]
+        total[1] += pending[1]
+        u, r = total
+        for index, value in enumerate((u * u, u * r, r * r, u * x, r * x, x * x, 1.0)):
+            self.sums[hypothesis][index] += value
+        return True
+
+    def _solve(self, hypothesis: int, k: float, weight_prior: float) -> tuple[float, float, float]:
+        """(scale, read coefficient, residual) of one hypothesis, in units of the prior scale C{k}."""
+        uu, ur, rr, ux, rx, xx, _ = self.sums[hypothesis]
         # In units of the prior's utilization, so the prior's strength means
         # the same on every account.
-        k = scale_prior
         uu, ur, rr, ux, rx = uu * k * k, ur * k * k, rr * k * k, ux * k, rx * k
         lam = PRIOR_STRENGTH
         a11, a12, a22 = uu + lam, ur, rr + lam
         b1, b2 = ux + lam, rx + lam * weight_prior
         det = a11 * a22 - a12 * a12
         alpha, beta = (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
-        if alpha <= 0.05:
-            alpha = 0.05
         if beta < 0:
             # Reads cost nothing: refit the scale alone.
-            beta, alpha = 0.0, max(0.05, b1 / a11)
-        weight = min(1.0, beta / alpha)
-        return alpha * k, weight
+            alpha, beta = b1 / a11, 0.0
+        alpha = max(alpha, 0.05)
+        residual = xx - 2 * (alpha * ux + beta * rx) + alpha * alpha * uu + 2 * alpha * beta * ur + beta * beta * rr
+        return alpha, beta, residual
+
+    def fit(self, scale_prior: float, weight_prior: float) -> tuple[float, float]:
+        """(scale, read weight): utilization per uncached token, and a read's weight against one."""
+        k = scale_prior
+        fits = [self._solve(h, k, weight_prior) for h in (BEFORE_OWN, SHOWS_OWN) if self.sums[h][6] > 0]
+        if not fits:
+            return k, weight_prior
+        alpha, beta, _ = min(fits, key=lambda fit: fit[2])
+        return alpha * k, min(1.0, beta / alpha)
 
 
 @dataclass
@@ -149,58 +199,52 @@ class Ledger:
     windows: dict[str, WindowLedger] = field(default_factory=lambda: {w: WindowLedger() for w in WINDOWS})
     charged: dict[str, float] = field(default_factory=dict)
 
-    def reading(self, window: str, utilization: float, reset: float | None) -> bool:
+    def reading(
+        self, window: str, utilization: float, reset: float | None, key: str = "", current: Cost | None = None
+    ) -> bool:
         """
-        A utilization header.  A rise is charged to the usage pending since
-        the last rise, split by usage; a reading that did not rise (rounded,
-        or lagging) leaves the usage pending for the next one.  Returns
-        whether anything was learned.
+        A utilization header, from the response of a request by session
+        C{key} that cost C{current}.  A rise is charged to the usage pending
+        since the last rise, split by usage; a reading that did not rise
+        (rounded, or lagging) leaves the usage pending for the next one.
+        Returns whether anything was learned.
         """
         ledger = self.windows[window]
+        own = list(current) if current is not None else [0.0, 0.0]
         if ledger.last is None or reset != ledger.reset or utilization < ledger.last:
-            # A new window (or the first reading): nothing to attribute.
+            # A new window (or the first reading): nothing to attribute.  Its
+            # own request is in it, or still to show.
             ledger.last, ledger.reset, ledger.anchor = utilization, reset, utilization
-            ledger.uncached = ledger.reads = 0.0
-            ledger.pending.clear()
+            ledger.totals = [[0.0, 0.0], [0.0, 0.0]]
+            ledger.pending = {key: own} if own[0] + own[1] > 0 else {}
+            ledger.pending_own = [0.0, 0.0]
             return False
         rise = utilization - ledger.last
+        if rise <= 0:
+            # Unchanged: its own request shows in a later rise.
+            ledger.hold(key, own)
+            return False
         pending = [sum(cost[0] for cost in ledger.pending.values()), sum(cost[1] for cost in ledger.pending.values())]
-        if rise <= 0 or pending[0] + pending[1] <= 0:
-            # Unchanged, or the rise of a request not finished yet: it shows
-            # in the next attribution, through `last`.
+        x = utilization - ledger.anchor
+        before = ledger._add(BEFORE_OWN, pending, x)
+        shown = ledger._add(SHOWS_OWN, [ledger.pending_own[0] + own[0], ledger.pending_own[1] + own[1]], x)
+        if not (before or shown):
             return False
         ledger.last = utilization
-        ledger.uncached += pending[0]
-        ledger.reads += pending[1]
-        u, r, x = ledger.uncached, ledger.reads, utilization - ledger.anchor
-        sums = ledger.sums
-        sums[0] += u * u
-        sums[1] += u * r
-        sums[2] += r * r
-        sums[3] += u * x
-        sums[4] += r * x
         ledger.points += 1
-        if window == "5h":
+        if window == "5h" and before:
             total = pending[0] + PRIOR_READ_WEIGHT * pending[1]
-            for key, (uncached, reads) in ledger.pending.items():
+            for name, (uncached, reads) in ledger.pending.items():
                 share = (uncached + PRIOR_READ_WEIGHT * reads) / total if total > 0 else 0.0
-                self.charged[key] = self.charged.get(key, 0.0) + rise * share
-        ledger.pending.clear()
+                self.charged[name] = self.charged.get(name, 0.0) + rise * share
+        ledger.pending = {key: own} if own[0] + own[1] > 0 else {}
+        ledger.pending_own = [0.0, 0.0]
         return True
 
     def finished(self, key: str, cost: Cost) -> None:
+        """Usage no reading has shown yet."""
         for ledger in self.windows.values():
-            pending = ledger.pending.setdefault(key, [0.0, 0.0])
-            pending[0] += cost[0]
-            pending[1] += cost[1]
-
-
-@dataclass(frozen=True)
-class Choice:
-    """Where a session goes and the routing reason of DESIGN.md point 11."""
-
-    account: Account
-    reason: str
+            ledger.hold(key, cost)
 
 
 # Reasons placement gives (the router has the rest of the vocabulary).
@@ -224,10 +268,9 @@ class Placement:
         self.pool = pool
         self._sessions = sessions
         self.ledgers: dict[str, Ledger] = {}
-        # Completed cycle costs of any session: the prior for a session
-        # that has not completed one.
-        self.cycles: list[Cost] = []
-        self._closed: dict[str, int] = {}
+        # The contexts recent sessions compacted at: where a session that
+        # has not compacted yet will.
+        self.compaction_contexts: list[int] = []
         # Fitted (scale, read weight) per (account, window); ("", window) is
         # the pool's.  Cleared whenever a reading teaches something.
         self._fits_cache: dict[tuple[str, str], tuple[float, float]] = {}
@@ -240,40 +283,44 @@ class Placement:
             ledger = self.ledgers[name] = Ledger()
         return ledger
 
-    def observe(self, account: Account, now: float) -> None:
-        """Take the account's latest utilization readings (after its quota headers were folded in)."""
+    def observe(self, account: Account, now: float, key: str = "", usage: Usage | None = None) -> None:
+        """
+        Take the account's latest utilization readings (after its quota
+        headers were folded in), from the response of session C{key}'s
+        request that used C{usage}.
+        """
         if account.kind == "apikey":
             return
+        cost = usage_cost(usage) if usage is not None else None
         live = account.live_windows(now)
         ledger = self.ledger(account.name)
         learned = False
         for window in WINDOWS:
             quota = live.get(window)
             if quota is not None and quota.utilization is not None:
-                learned = ledger.reading(window, quota.utilization, quota.reset) or learned
+                learned = ledger.reading(window, quota.utilization, quota.reset, key, cost) or learned
+            elif cost is not None:
+                ledger.windows[window].hold(key, cost)
         if learned:
             self._fits_cache.clear()
 
-    def finished(self, account: Account, session: Session | None, usage: Usage) -> None:
-        """A response finished: its usage waits for the reading that shows it, and counts in its session's cycle."""
+    def finished(
+        self, account: Account, session: Session | None, usage: Usage, main: bool = True, compaction: bool = False
+    ) -> None:
+        """
+        A response finished: its usage counts in its session's cycle; a main
+        request's prompt is the session's context (a compaction request's,
+        the context it compacts at).
+        """
         cost = usage_cost(usage)
         if session is not None:
             session.record_usage(int(cost[0]), int(cost[1]))
-        if account.kind != "apikey" and cost[0] + cost[1] > 0:
-            self.ledger(account.name).finished(session.key if session is not None else "", cost)
-
-    def cycle_closed(self, session: Session) -> None:
-        """
-        The session compacted: its last cycle's cost informs every session's
-        prior (once per cycle: a retried compaction closes nothing new).
-        """
-        if session.cycle_costs and self._closed.get(session.key) != session.compactions:
-            self._closed[session.key] = session.compactions
-            reads = session.cycle_read_costs[-1] if session.cycle_read_costs else 0
-            self.cycles.append((float(session.cycle_costs[-1]), float(reads)))
-            del self.cycles[:-4 * KEPT_CYCLES]
-            if len(self._closed) > 4 * KEPT_CYCLES:
-                self._closed = {session.key: session.compactions}
+            if main:
+                prompt = usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+                session.record_context(prompt, int(cost[0]) - usage.output_tokens, compaction)
+                if compaction and prompt > 0:
+                    self.compaction_contexts.append(prompt)
+                    del self.compaction_contexts[:-KEPT_COMPACTIONS]
 
     # -- costs ------------------------------------------------------------------------
 
@@ -329,31 +376,88 @@ class Placement:
         scale, weight = self._fit(account, window)
         return scale * (cost[0] + weight * cost[1])
 
+    # -- the compaction cycle ------------------------------------------------------------
+
+    def compacts_at(self, session: Session) -> float:
+        """
+        The context the session will compact at: where it last did, else
+        where the pool's sessions did, else its model's window minus
+        Claude Code's reserve (the smallest window its context has not
+        outgrown: a context past 187k means a 1M-context model).
+        """
+        context = session.context
+        if session.compacted_at > context:
+            return float(session.compacted_at)
+        if self.compaction_contexts:
+            seen = sum(self.compaction_contexts) / len(self.compaction_contexts)
+            if seen > context:
+                return seen
+        for window in MODEL_WINDOWS:
+            if context < window - COMPACTION_RESERVE:
+                return float(window - COMPACTION_RESERVE)
+        return float(context)
+
+    def growth(self, session: Session) -> tuple[float, float]:
+        """
+        (context added, uncached usage) per main step: the session's own
+        once it has grown a few times, else the mean of the sessions that
+        have, else the prior.
+        """
+        def own(s: Session) -> tuple[float, float] | None:
+            if s.cycle_steps < MIN_STEPS or s.cycle_growth <= 0:
+                return None
+            # The steps' own usage: a subagent's or a title's is too bursty
+            # to spread over a few steps (the margin covers it).
+            return s.cycle_growth / s.cycle_steps, s.cycle_step_tokens / s.cycle_steps
+
+        mine = own(session)
+        if mine is not None:
+            return mine
+        others = [rates for s in self._sessions() if s.key != session.key and (rates := own(s)) is not None]
+        if others:
+            return sum(r[0] for r in others) / len(others), sum(r[1] for r in others) / len(others)
+        return PRIOR_GROWTH, PRIOR_GROWTH
+
+    def _project(self, session: Session, start: float, end: float) -> Cost:
+        """The cost of growing the context from C{start} to C{end} and compacting there."""
+        step, uncached = self.growth(session)
+        steps = max(0.0, end - start) / max(step, 1.0)
+        # Each step reads the context so far; the compaction request reads all of it.
+        return steps * uncached, steps * (start + end) / 2 + end
+
     def cycle_cost(self, session: Session) -> Cost:
-        """The expected cost of the session's next full cycle."""
+        """
+        The expected cost of the session's next full cycle: the mean of its
+        completed ones, else projected from where its cycle began to where
+        it will compact, at its observed growth.
+        """
         if session.cycle_costs:
             reads = session.cycle_read_costs or [0]
             return sum(session.cycle_costs) / len(session.cycle_costs), sum(reads) / len(reads)
-        if self.cycles:
-            prior = (
-                sum(c[0] for c in self.cycles) / len(self.cycles),
-                sum(c[1] for c in self.cycles) / len(self.cycles),
-            )
-        else:
-            prior = PRIOR_CYCLE
-        return max(prior[0], float(session.cycle_tokens)), max(prior[1], float(session.cycle_reads))
+        start = float(session.cycle_base)
+        uncached, reads = self._project(session, start, self.compacts_at(session))
+        return uncached + session.cycle_base_tokens, reads
 
     def remaining(self, session: Session) -> Cost:
-        """What the session's current cycle has still to cost: its reservation."""
+        """
+        What the session's current cycle has still to cost (its
+        reservation): projected from its context to where it will compact,
+        at least a share of a cycle.
+        """
         cycle = self.cycle_cost(session)
-        return (
-            max(cycle[0] - session.cycle_tokens, MIN_REMAINING * cycle[0]),
-            max(cycle[1] - session.cycle_reads, MIN_REMAINING * cycle[1]),
-        )
+        if session.context:
+            left = self._project(session, float(session.context), self.compacts_at(session))
+        else:
+            # No context seen (a state saved before contexts were kept).
+            left = (cycle[0] - session.cycle_tokens, cycle[1] - session.cycle_reads)
+        return max(left[0], MIN_REMAINING * cycle[0]), max(left[1], MIN_REMAINING * cycle[1])
 
     def tiny(self, session: Session) -> bool:
-        """Still in its first cycle with little more than the prefix: cheap to move."""
-        return session.compactions == 0 and session.cycle_tokens <= TINY * self.cycle_cost(session)[0]
+        """Still early in its first cycle: its context is little more than where it began, cheap to move."""
+        if session.compactions:
+            return False
+        start = float(session.cycle_base)
+        return session.context - start <= TINY * max(0.0, self.compacts_at(session) - start)
 
     def live(self, now: float) -> list[Session]:
         """Sessions whose last request is within their cache TTL: they hold reservations."""
@@ -400,9 +504,14 @@ class Placement:
         """Whether the account holds the session's next full cycle beside the others' reservations."""
         return self.holds(account, self.cycle_cost(session), now, self.reserved(account, now, apart=session))
 
-    def room_share(self, account: Account, now: float, session: Session) -> float:
-        """How many of the session's cycles the account has room for beside the others (its tightest window)."""
-        room = self.room(account, now, self.reserved(account, now, apart=session))
+    def room_share(self, account: Account, now: float, session: Session, reserved: Cost | None = None) -> float:
+        """
+        How many of the session's cycles the account has room for (its
+        tightest window) beside C{reserved}, by default the others' reservations.
+        """
+        if reserved is None:
+            reserved = self.reserved(account, now, apart=session)
+        room = self.room(account, now, reserved)
         cycle = self.cycle_cost(session)
         return min(room[w] / max(self.utilization(account, w, cycle), 1e-12) for w in WINDOWS)
 
@@ -411,19 +520,23 @@ class Placement:
     def rank_key(self, account: Account, session: Session, now: float, fits: bool) -> tuple:
         """
         DESIGN.md point 1: priority; fits the session's next cycle; warm
-        with the shared prefix; 5h window already started; most 5h left;
-        most 7d left; config order.
+        with the shared prefix; 5h window already started; most quota left
+        in the tightest window (counted in the session's cycles, so that
+        accounts of different sizes compare by what they hold, not by their
+        utilization fraction); config order.
         """
         last = account.last_used
         warm = last is not None and now - last < session.ttl
         started = account.utilization("5h", now) > 0 or (last is not None and now - last < 5 * 3600)
+        room = self.room_share(account, now, session, reserved=(0.0, 0.0)) if account.kind != "apikey" else 0.0
         return (
             account.priority,
             not fits,
             not warm,
             not started,
-            round(account.utilization("5h", now) * 200),
-            round(account.utilization("7d", now) * 200),
+            # Tenths of a cycle: noise between nearly equal accounts leaves
+            # it to config order.
+            -round(room * 10),
             account.order,
         )
 
@@ -467,9 +580,22 @@ class Placement:
         )
 
     def at_cheap_moment(
-        self, session: Session, current: Account, now: float, family: str | None, exclude: Callable[[Account], bool]
+        self,
+        session: Session,
+        current: Account,
+        now: float,
+        family: str | None,
+        exclude: Callable[[Account], bool],
+        idle: bool = False,
     ) -> Account:
-        """Keep it where it is if that holds its next cycle; else the best that does; else stay."""
+        """
+        Keep it where it is if that holds its next cycle; else the best that
+        does; else stay.  After idling past its TTL its own cache is cold
+        everywhere and the account it is on has no claim on it: the best
+        account that holds its cycle (warm with the prefix first), else stay.
+        """
+        if idle:
+            return self.best(session, now, family, exclude) or current
         if self.fits(current, session, now):
             return current
         return self.best(session, now, family, exclude) or current
@@ -480,9 +606,11 @@ class Placement:
         """
         A tiny session on an account that cannot hold its first cycle
         beside the sessions placed there before it: the best account that
-        does, while moving it costs little more than the prefix.
+        does, while moving it costs little more than the prefix.  Decided
+        once its own growth is seen (a few turns), not on the prior's.
         """
-        if not self.tiny(session) or current.kind == "apikey":
+        if not self.tiny(session) or current.kind == "apikey" or session.cycle_steps < MIN_STEPS:
+            # Decided on the session's own growth, not on the prior's.
             return None
         senior = self.reserved(current, now, apart=session, senior_to=session)
         if self.holds(current, self.remaining(session), now, senior):
@@ -498,7 +626,7 @@ class Placement:
                 for name, ledger in self.ledgers.items()
                 if self.pool.get(name) is not None
             },
-            "cycles": [list(c) for c in self.cycles],
+            "compactionContexts": list(self.compaction_contexts),
         }
 
     def restore(self, state: object) -> None:
@@ -510,14 +638,9 @@ class Placement:
                 if isinstance(name, str) and isinstance(windows, dict):
                     self.ledgers[name] = Ledger({w: WindowLedger.from_json(windows.get(w)) for w in WINDOWS})
         self._fits_cache.clear()
-        cycles = state.get("cycles")
-        if isinstance(cycles, list):
-            self.cycles = [
-                (float(c[0]), float(c[1]))
-                for c in cycles
-                if isinstance(c, list) and len(c) == 2 and all(_finite(v) is not None and v >= 0 for v in c)
-            ][-4 * KEPT_CYCLES:]
-        self._fits_cache.clear()
+        contexts = state.get("compactionContexts")
+        if isinstance(contexts, list):
+            self.compaction_contexts = [c for c in contexts if type(c) is int and c > 0][-KEPT_COMPACTIONS:]
 
     def forget(self, name: str) -> None:
         self.ledgers.pop(name, None)

@@ -139,9 +139,6 @@ class Account:
     error: str | None = None
     usage: UsageTotals = field(default_factory=UsageTotals)
     last_used: float | None = None
-    # Quota tokens (input + cache creation + output) served in each current
-    # window: with the window's utilization it estimates the window's size.
-    window_burn: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -215,51 +212,7 @@ class Account:
         Fold a response's rate-limit headers into what we know.
         """
         if report.windows:
-            merged = dict(self.windows)
-            for name, window in report.windows.items():
-                known = merged.get(name)
-                if known is not None and known.reset != window.reset and window.reset is not None:
-                    # A new window began: what was burnt in the old one no
-                    # longer says anything about this one's size.
-                    self.window_burn.pop(name, None)
-                merged[name] = window
-            self.windows = merged
-
-    def record_burn(self, tokens: int, now: float) -> None:
-        """
-        Count quota tokens served against every live window.
-        """
-        if tokens <= 0:
-            return
-        for name in self.live_windows(now):
-            self.window_burn[name] = self.window_burn.get(name, 0.0) + tokens
-
-    def window_size(self, name: str, now: float) -> float | None:
-        """
-        Estimated tokens a whole window holds (tokens served ÷ utilization
-        they added), once the window is far enough along to say.
-        """
-        window = self.live_windows(now).get(name)
-        burn = self.window_burn.get(name, 0.0)
-        if window is None or window.utilization is None or window.utilization < 0.02 or burn <= 0:
-            return None
-        return burn / window.utilization
-
-    def headroom(self, now: float, ceiling: float) -> float | None:
-        """
-        Estimated tokens left before the tightest account-wide window
-        reaches C{ceiling}, or None while no window's size is known.
-        """
-        left: float | None = None
-        for name, window in self.live_windows(now).items():
-            if name == "overage" or not window_applies(name, ACCOUNT_WIDE):
-                continue
-            size = self.window_size(name, now)
-            if size is None:
-                continue
-            room = max(0.0, ceiling - (window.utilization or 0.0)) * size
-            left = room if left is None else min(left, room)
-        return left
+            self.windows = {**self.windows, **report.windows}
 
     def expire(self, now: float) -> bool:
         """
@@ -269,8 +222,6 @@ class Account:
         changed = False
         live = self.live_windows(now)
         if len(live) != len(self.windows):
-            for name in self.windows.keys() - live.keys():
-                self.window_burn.pop(name, None)
             self.windows = live
             changed = True
         if self.exhausted_until is not None and self.exhausted_until <= now:
@@ -305,7 +256,6 @@ class Account:
             "throttledUntil": self.throttled_until,
             "usage": self.usage.to_json(),
             "lastUsed": self.last_used,
-            "windowBurn": dict(self.window_burn),
         }
 
     def restore_state(self, data: Mapping[str, Any]) -> None:
@@ -329,12 +279,6 @@ class Account:
         usage = data.get("usage")
         if isinstance(usage, dict):
             self.usage = UsageTotals.from_json(usage)
-        burn = data.get("windowBurn")
-        if isinstance(burn, dict):
-            for name, value in burn.items():
-                number = _number_or_none(value)
-                if isinstance(name, str) and number is not None and number >= 0:
-                    self.window_burn[name] = number
 
 
 def _number_or_none(value: object) -> float | None:

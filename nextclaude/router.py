@@ -397,8 +397,6 @@ class Router:
         session, moment = self.sessions.observe(facts, now)
         if moment is Moment.COMPACTION and session is not None:
             self._hub.emit(events.COMPACTION, now, session=session.key, account=session.account)
-        if moment in (Moment.COMPACTION, Moment.SIZE_DROP) and session is not None:
-            self.placement.cycle_closed(session)
         return Exchange(facts=facts, session=session, moment=moment)
 
     def route(self, exchange: Exchange) -> Decision:
@@ -572,7 +570,7 @@ class Router:
             if pin_leads and not left(manual):
                 # Back to the pin once it leads again (its window reset).
                 return manual, reason
-            target = placement.at_cheap_moment(session, current, now, family, left)
+            target = placement.at_cheap_moment(session, current, now, family, left, idle=moment is Moment.IDLE)
             return target, (reason if target.name != current.name else AFFINITY)
         target = placement.spread_early(session, current, now, family, left)
         if target is not None:
@@ -972,13 +970,18 @@ class Router:
         now = self._clock()
         account.last_used = now
         account.usage.record(usage, ok)
-        # The reading this response carried first: the usage it reports is
-        # not in it yet (headers come before the stream's output).
-        self.placement.observe(account, now)
+        # The reading this response carried, with the usage it reports
+        # (which the reading may or may not count yet).
+        session = exchange.session
+        self.placement.observe(account, now, session.key if session is not None else "", usage)
         if usage is not None:
-            burn = usage.input_tokens + usage.cache_creation_input_tokens + usage.output_tokens
-            account.record_burn(burn, now)
-            self.placement.finished(account, exchange.session, usage)
+            self.placement.finished(
+                account,
+                exchange.session,
+                usage,
+                main=not exchange.facts.is_side_request,
+                compaction=exchange.moment is Moment.COMPACTION,
+            )
 
     def close(self, exchange: Exchange) -> None:
         """

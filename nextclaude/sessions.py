@@ -407,6 +407,20 @@ class Session:
     # When it was placed on its account: among sessions that started
     # together, the earlier placed keep their place (placement.py).
     placed: float = 0.0
+    # Its main context in the current cycle, from the responses' usage
+    # (input + cache creation + cache reads): where the cycle began, its
+    # largest so far, how many requests grew it, by how much in all and at
+    # what uncached usage, and the uncached usage of the cycle's first
+    # request.  With the context it
+    # compacted at, they project the cycle's length and cost (placement.py).
+    cycle_base: int = 0
+    cycle_base_tokens: int = 0
+    context: int = 0
+    cycle_steps: int = 0
+    cycle_growth: int = 0
+    cycle_step_tokens: int = 0
+    # The prompt of its last compaction request: the context it compacts at.
+    compacted_at: int = 0
 
     def idle_expired(self, now: float) -> bool:
         """Its prompt cache has gone cold on every account."""
@@ -425,7 +439,34 @@ class Session:
         if type(cache_reads) is int and cache_reads > 0:
             self.cycle_reads += cache_reads
 
+    def record_context(self, prompt: int, uncached_tokens: int, compaction: bool = False) -> None:
+        """
+        A main request's prompt size (input + cache creation + cache reads)
+        and uncached usage: the context it carried.  A compaction request's
+        prompt is the context the session compacts at.  A smaller prompt (a
+        subagent's, a title's) leaves the main context alone.
+        """
+        if type(prompt) is not int or prompt <= 0:
+            return
+        if compaction:
+            self.compacted_at = prompt
+            return
+        if self.context == 0:
+            self.cycle_base = self.context = prompt
+            self.cycle_base_tokens = max(0, uncached_tokens) if type(uncached_tokens) is int else 0
+        elif prompt > self.context:
+            self.cycle_steps += 1
+            self.cycle_growth += prompt - self.context
+            self.cycle_step_tokens += max(0, uncached_tokens) if type(uncached_tokens) is int else 0
+            self.context = prompt
+
     def _close_cycle(self) -> None:
+        if self.context:
+            # Until the compaction request's own usage says it exactly (a
+            # session keyed by its prefix has no compaction request).
+            self.compacted_at = self.context
+        self.cycle_base = self.cycle_base_tokens = self.context = 0
+        self.cycle_steps = self.cycle_growth = self.cycle_step_tokens = 0
         self.cycle_costs.append(self.cycle_tokens)
         del self.cycle_costs[:-_KEPT_CYCLES]
         self.cycle_tokens = 0
@@ -576,6 +617,13 @@ class SessionTable:
                 "cycleReads": s.cycle_reads,
                 "cycleReadCosts": list(s.cycle_read_costs),
                 "compactions": s.compactions,
+                "cycleBase": s.cycle_base,
+                "cycleBaseTokens": s.cycle_base_tokens,
+                "context": s.context,
+                "cycleSteps": s.cycle_steps,
+                "cycleGrowth": s.cycle_growth,
+                "cycleStepTokens": s.cycle_step_tokens,
+                "compactedAt": s.compacted_at,
             }
             for s in self._sessions.values()
             if now - s.last_seen <= s.ttl
@@ -651,4 +699,11 @@ class SessionTable:
             cycle_reads=count("cycleReads"),
             cycle_read_costs=counts("cycleReadCosts"),
             compactions=count("compactions"),
+            cycle_base=count("cycleBase"),
+            cycle_base_tokens=count("cycleBaseTokens"),
+            context=count("context"),
+            cycle_steps=count("cycleSteps"),
+            cycle_growth=count("cycleGrowth"),
+            cycle_step_tokens=count("cycleStepTokens"),
+            compacted_at=count("compactedAt"),
         )

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nextclaude.config import AccountConfig
 from nextclaude.events import EventHub
-from nextclaude.placement import SPREAD_EARLY, Ledger, Placement, tier_size
+from nextclaude.placement import BEFORE_OWN, SPREAD_EARLY, Ledger, Placement, tier_size
 from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.quota import WindowQuota
 from nextclaude.replay import replay
@@ -91,8 +91,9 @@ class CostTests(SynchronousTestCase):
             shown = upstream.serve(usage)
             a.windows["5h"] = WindowQuota(utilization=shown, reset=RESET, status="allowed")
             a.windows["7d"] = WindowQuota(utilization=shown / 10, reset=RESET + 86_400, status="allowed")
-            placement.observe(a, NOW + index)
-            placement.finished(a, keyed[index % sessions], usage)
+            session = keyed[index % sessions]
+            placement.observe(a, NOW + index, session.key, usage)
+            placement.finished(a, session, usage)
         return placement, accounts
 
     def expected(self, upstream: Upstream, usage: list[Usage]) -> float:
@@ -157,6 +158,17 @@ class CostTests(SynchronousTestCase):
         self.assertFalse(ledger.reading("5h", 0.02, RESET + 5 * 3600))
 
 
+def learned(placement: Placement, name: str, scale: float) -> None:
+    """Give the account a fit of C{scale} utilization per uncached token (the week a tenth), reads free."""
+    ledger = placement.ledger(name)
+    for window, factor in (("5h", 1.0), ("7d", 0.1)):
+        # One point's sums: u = 1e6 tokens, r = 1e6 reads, x = scale * u.
+        x = scale * factor * 1e6
+        ledger.windows[window].sums[BEFORE_OWN] = [1e12, 0.0, 1e12, 1e6 * x, 0.0, x * x, 10.0]
+        ledger.windows[window].points = 10
+    placement._fits_cache.clear()
+
+
 class DecisionTests(SynchronousTestCase):
     """Issue 11 item 1: reservations and the decisions built on them."""
 
@@ -166,11 +178,7 @@ class DecisionTests(SynchronousTestCase):
         self.placement = Placement(self.accounts, lambda: self.table)
         # Learned: a whole window is 1M uncached tokens; reads are free.
         for name in "abc":
-            ledger = self.placement.ledger(name)
-            ledger.windows["5h"].sums = [1e12, 0.0, 1e12, 1e6, 0.0]
-            ledger.windows["5h"].points = 10
-            ledger.windows["7d"].sums = [1e12, 0.0, 1e12, 1e5, 0.0]
-            ledger.windows["7d"].points = 10
+            learned(self.placement, name, 1e-6)
 
     def account(self, name: str, used: float = 0.0):  # type: ignore[no-untyped-def]
         account = self.accounts.get(name)
@@ -251,8 +259,11 @@ class DecisionTests(SynchronousTestCase):
         second = self.session("s:y", "a", placed=2.0, cycle=300_000)
         third = self.session("s:z", "a", placed=3.0, cycle=300_000)
         for session in (first, second, third):
-            session.cycle_costs, session.compactions, session.cycle_tokens = [], 0, 1_000
-        self.placement.cycles = [(300_000.0, 0.0)]
+            # Two turns in, growing 3k a turn; the pool's sessions compact at 315k.
+            session.cycle_costs, session.compactions = [], 0
+            session.cycle_base, session.context, session.cycle_steps = 15_000, 21_000, 2
+            session.cycle_growth, session.cycle_step_tokens, session.cycle_tokens = 6_000, 6_000, 6_000
+        self.placement.compaction_contexts = [315_000]
         self.assertIsNone(self.placement.spread_early(first, a, NOW, None, lambda acc: False))
         self.assertIsNone(self.placement.spread_early(second, a, NOW, None, lambda acc: False))
         moved = self.placement.spread_early(third, a, NOW, None, lambda acc: False)
@@ -291,9 +302,8 @@ class RestartTests(SynchronousTestCase):
             session, _ = router.sessions.observe(
                 replace(_facts(f"s:{index}")), clock.seconds())
             session.account, session.placed, session.cycle_tokens = "a", float(index), 3_000
-        router.placement.cycles = [(200_000.0, 1_000_000.0)]
-        ledger = router.placement.ledger("a")
-        ledger.windows["5h"].sums, ledger.windows["5h"].points = [1e12, 0.0, 1e12, 1e6, 0.0], 5
+        router.placement.compaction_contexts = [160_000]
+        learned(router.placement, "a", 1e-6)
         a.windows["5h"] = WindowQuota(utilization=0.2, reset=RESET, status="allowed")
         before = {s.key: s.account for s in router.sessions.sessions()}
         cost = router.placement.utilization(a, "5h", (100_000.0, 0.0))
@@ -307,7 +317,7 @@ class RestartTests(SynchronousTestCase):
         assert fresh_a is not None
         self.assertEqual({s.key: s.account for s in restored.sessions.sessions()}, before)
         self.assertAlmostEqual(restored.placement.utilization(fresh_a, "5h", (100_000.0, 0.0)), cost)
-        self.assertEqual(restored.placement.cycles, [(200_000.0, 1_000_000.0)])
+        self.assertEqual(restored.placement.compaction_contexts, [160_000])
         for session in restored.sessions.sessions():
             self.assertIsNone(restored.placement.spread_early(session, fresh_a, clock.seconds(), None, lambda acc: False))
             self.assertEqual(restored.placement.remaining(session), router.placement.remaining(router.sessions.get(session.key)))

@@ -896,12 +896,47 @@ _ORDINARY = {
 }
 
 
+class ContextTests(SynchronousTestCase):
+    def test_context_grows_by_main_steps(self) -> None:
+        """
+        A session's context is its largest main prompt of the cycle: the
+        first sets where the cycle began, each larger one is a step (its
+        growth and uncached usage counted), a smaller one (a subagent's)
+        changes nothing, and a compaction request's prompt is where it
+        compacts.
+        """
+        session = Session("s:x", "header")
+        session.record_context(17_000, 17_000)
+        session.record_context(20_000, 3_300)
+        session.record_context(8_000, 8_000)
+        session.record_context(23_500, 3_800)
+        self.assertEqual((session.cycle_base, session.cycle_base_tokens, session.context), (17_000, 17_000, 23_500))
+        self.assertEqual((session.cycle_steps, session.cycle_growth, session.cycle_step_tokens), (2, 6_500, 7_100))
+        session.record_context(101_000, 600, compaction=True)
+        self.assertEqual((session.compacted_at, session.context), (101_000, 23_500))
+
+    def test_compaction_starts_a_new_cycle(self) -> None:
+        """
+        The compaction request closes the cycle: the context starts over at
+        the next request, and a session keyed by its prefix (no compaction
+        request seen) takes its peak as where it compacted.
+        """
+        table = SessionTable()
+        session, _ = table.observe(main_request(), 0.0)
+        session.record_context(50_000, 3_000)
+        session.record_context(60_000, 3_000)
+        session._close_cycle()
+        self.assertEqual((session.context, session.cycle_steps, session.compacted_at), (0, 0, 60_000))
+        session.record_context(18_000, 4_000)
+        self.assertEqual((session.cycle_base, session.context), (18_000, 18_000))
+
+
 class StateTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         """
         to_state is JSON-able and restore brings back pins, exits, TTL,
-        last-seen time, when it was placed and its cycle costs (what
-        placement reserves for it).
+        last-seen time, when it was placed, its cycle costs and its context
+        (what placement projects and reserves for it).
         """
         table = SessionTable()
         session, _ = table.observe(main_request(), 100.0)
@@ -909,6 +944,9 @@ class StateTests(SynchronousTestCase):
         session.left = {"home": 90.0}
         session.placed = 95.0
         session.cycle_tokens, session.cycle_costs, session.compactions = 1_200, [40_000, 50_000], 2
+        session.compacted_at = 90_000
+        session.record_context(20_000, 5_000)
+        session.record_context(23_000, 3_100)
         prefix, _ = table.observe(prefix_facts(1000), 150.0)
         prefix.account = "home"
         state = json.loads(json.dumps(table.to_state(200.0)))
@@ -916,7 +954,9 @@ class StateTests(SynchronousTestCase):
             state[0],
             {"key": "s:" + SESSION, "keySource": "header", "account": "work", "left": {"home": 90.0},
              "ttl": TTL_1H, "lastSeen": 100.0, "placed": 95.0, "cycleTokens": 1_200,
-             "cycleCosts": [40_000, 50_000], "cycleReads": 0, "cycleReadCosts": [], "compactions": 2},
+             "cycleCosts": [40_000, 50_000], "cycleReads": 0, "cycleReadCosts": [], "compactions": 2,
+             "cycleBase": 20_000, "cycleBaseTokens": 5_000, "context": 23_000, "cycleSteps": 1,
+             "cycleGrowth": 3_000, "cycleStepTokens": 3_100, "compactedAt": 90_000},
         )
         restored = SessionTable()
         restored.restore(state, 300.0)
@@ -926,6 +966,8 @@ class StateTests(SynchronousTestCase):
                          ("header", "work", {"home": 90.0}, TTL_1H, 100.0))
         self.assertEqual((copy.placed, copy.cycle_tokens, copy.cycle_costs, copy.compactions),
                          (95.0, 1_200, [40_000, 50_000], 2))
+        self.assertEqual((copy.cycle_base, copy.context, copy.cycle_steps, copy.cycle_growth, copy.compacted_at),
+                         (20_000, 23_000, 1, 3_000, 90_000))
         self.assertEqual(restored.get(prefix.key).key_source, "prefix")
         self.assertEqual(restored.observe(main_request(), 400.0)[1], Moment.NONE)
 
