@@ -9,9 +9,14 @@ headers.  A L{Ledger} per account charges each observed rise to the
 requests that finished on that account since the previous reading, split
 by their usage, and so learns the account's I{scale}: the utilization one
 unit of observed usage adds there (priors from the tier until it has
-served: Pro 1, Max 5x 5, Max 20x 20).  A session's cycle cost (the usage of
+served: Pro 1, Max 5x 5, Max 20x 20).  Whether a reading already counts
+the request it came with is unknown, so the fit is kept under both
+hypotheses and the better one used.  A session's cycle cost (the usage of
 one compaction cycle) is kept in usage units, so it converts to any
-account by that account's scale.
+account by that account's scale: the mean of its completed cycles, else
+projected from its own context growth per step to where it will compact
+(where it or the pool's sessions compacted, else the model's window minus
+Claude Code's ~13k reserve, PROTOCOL.md).
 
 Every live session (its last request within its cache TTL) I{reserves} the
 remaining cost of its current cycle on the account it is on.  At a cheap
@@ -19,7 +24,9 @@ moment (the first request after its compaction, or after idling past its
 TTL) a session stays where it is when that account's headroom to the hard
 threshold, minus the others' reservations, covers its next full cycle with
 a margin; else it moves to the best account that does; if none does, it
-stays and uses the quota there.  At the ceiling it moves to an account that
+stays and uses the quota there.  After idling past its TTL its own cache is
+cold everywhere, so it goes to the best account that holds its cycle (warm
+with the shared prefix first).  At the ceiling it moves to an account that
 holds a full cycle, else to the one with the most headroom.  A session still
 in its first cycle with a tiny context moves (I{spread early}) when its
 account cannot hold it beside the sessions placed there before it.
