@@ -1070,9 +1070,6 @@ class AccountsService(Service):
                 self._cancel(poller.timer)
                 if poller.inflight is not None:
                     poller.inflight.cancel()
-        # A disabled, re-enabled or re-prioritised account moves the
-        # primary now, so status tells the truth before the next request.
-        self._router.expire()
         for account in self._pool:
             if account.name in added or before.get(account.name) != account.config:
                 self._arm(account.name)
