@@ -30,7 +30,9 @@ from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.router import Router
 from tests.fake_oauth import USAGE_PATH, FakeOAuthServer
 
-NOW = 1_900_000_000.0
+# Before the fake usage endpoint's window resets (2030-01-01), so that
+# what it reports is live, whatever expires stale windows.
+NOW = 1_880_000_000.0
 DAY = 86400.0
 NAMES = ("a", "b", "c", "d")
 
