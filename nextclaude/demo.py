@@ -14,6 +14,7 @@ from contextlib import suppress
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -32,8 +33,6 @@ from nextclaude.config import load_config, new_config_data, parse_config
 from nextclaude.console.palette import choose_theme
 from nextclaude.events import Event
 from nextclaude.humanize import tokens
-from nextclaude.replay import replay
-from nextclaude.router import FULL, NAIVE
 from nextclaude.service import ProxyService
 from nextclaude.simulate import SimAnswer, SimulatedAnthropic, listen_simulator, stop_simulator
 from nextclaude.store import atomic_write
@@ -195,6 +194,7 @@ async def run_demo(
     advance: Callable[[float], None] | None = None,
     console: bool = False,
     theme: str = "auto",
+    interrupt: Deferred[object] | None = None,
 ) -> DemoSummary:
     """
     Run the whole demo once and return its figures.  Time passes for real,
@@ -220,26 +220,40 @@ async def run_demo(
         service.startService()
         host, port = service.address()
         url = f"http://{host}:{port}"
-        print(
-            f"NextClaude {__version__} demo: {settings.accounts} simulated accounts with "
-            f"{settings.five_hour_tokens:,} quota tokens each, {settings.sessions} Claude-Code-shaped "
-            f"sessions for {settings.duration:g}s, proxy on {url}\n"
-            f"Watch new sessions stay on the warm account, the primary arm near its limit, and "
-            f"sessions move right after their compaction, when moving is cheap.\n",
-            file=out,
-            flush=True,
-        )
+        intro = intro_paragraphs(settings, url)
+        if not console:
+            # With the console the introduction opens inside the screen.
+            print("\n".join(intro) + "\n", file=out, flush=True)
         driver = Driver(Workload(settings.workload()), **settings.driver_options(started))
         traffic = Deferred.fromCoroutine(
             _traffic(reactor, driver, HTTPClient(Agent(reactor, pool=pool)), url, config.proxy.api_key, advance)
         )
-        if console:
-            await _watch(reactor, service, traffic, theme)
-        else:
-            await traffic
+        interrupted: list[bool] = []
+
+        def stop(_: object) -> None:
+            # Ctrl-C or a hangup: the traffic stops, the summary of what ran
+            # is printed, and the caller exits with the signal's status.
+            interrupted.append(True)
+            if not traffic.called:
+                traffic.cancel()
+
+        if interrupt is not None:
+            interrupt.addCallback(stop)
+        try:
+            if console:
+                await _watch(reactor, service, traffic, theme, intro)
+            else:
+                await traffic
+        except Exception:
+            # Cancelling surfaces as whatever the traffic was awaiting (a
+            # CancelledError, or a request that never got its response).
+            if not interrupted:
+                raise
         # The usage history's figures are the writer's: wait for its last batch.
         await service.history.flushed()
-        _print_summary(out, summary, service, settings, driver.result.turns_done)
+        with suppress(OSError):
+            # A hung-up terminal cannot be written to; cleaning up matters more.
+            _print_summary(out, summary, service, settings, driver.result.turns_done, bool(interrupted))
         return summary
     finally:
         await pool.closeCachedConnections()
@@ -267,10 +281,36 @@ async def _traffic(
         driver.deliver(now, session, request, await _send(http, url, key, request))
 
 
-async def _watch(reactor: Any, service: ProxyService, traffic: Deferred[None], theme: str = "auto") -> None:
+def intro_paragraphs(settings: DemoSettings, url: str) -> list[str]:
+    """
+    What the demo shows, for someone new to prompt caching: printed before
+    the event log, or opened inside the console's screen.
+    """
+    return [
+        f"NextClaude {__version__} demo: {settings.accounts} simulated accounts with "
+        f"{settings.five_hour_tokens:,} quota tokens each and {settings.sessions} Claude-Code-shaped "
+        f"sessions for {settings.duration:g}s, on a simulated Anthropic API (proxy on {url}). "
+        "No real account is used.",
+        "Each request re-sends the whole conversation. The API caches it per account: a request on "
+        "the account that saw the conversation before reads it from cache (hit, cheap); on another "
+        "account it is written again (✎, a rebuild that burns quota).",
+        "Watch new sessions stay on the warm account, sessions move when their account fills up "
+        "right after a compaction (when the conversation is small, so moving is cheap), and the "
+        "summary at the end prices what this run's moves re-billed against naive rotation.",
+        "Press ? for a legend of every figure and word on screen, q to quit.",
+    ]
+
+
+async def _watch(
+    reactor: Any,
+    service: ProxyService,
+    traffic: Deferred[None],
+    theme: str = "auto",
+    intro: list[str] | None = None,
+) -> None:
     """
     The console on the demo's own proxy.  Quitting it (after it asks) ends
-    the demo, traffic or not.
+    the demo, traffic or not; once the traffic has ended, q quits at once.
     """
     from nextclaude import control, paths
     from nextclaude.console.app import run_console
@@ -279,9 +319,28 @@ async def _watch(reactor: Any, service: ProxyService, traffic: Deferred[None], t
         if not traffic.called:
             traffic.cancel()
 
+    ended: Deferred[None] = Deferred()
+
+    def traffic_ended(result: object) -> object:
+        if not ended.called:
+            ended.callback(None)
+        return result
+
+    traffic.addBoth(traffic_ended)
     client = await control.connect(reactor, paths.socket_path(service.config.path))
     try:
-        await run_console(reactor, client, owns_proxy=True, stop_proxy=stop_traffic, theme=theme)
+        await run_console(
+            reactor,
+            client,
+            owns_proxy=True,
+            stop_proxy=stop_traffic,
+            theme=theme,
+            app_options={
+                "title": f"NextClaude {__version__} demo · simulated accounts",
+                "intro": intro,
+                "traffic_done": ended,
+            },
+        )
     finally:
         client.close()
         stop_traffic()
@@ -289,11 +348,27 @@ async def _watch(reactor: Any, service: ProxyService, traffic: Deferred[None], t
 
 
 def _print_summary(
-    out: TextIO, summary: DemoSummary, service: ProxyService, settings: DemoSettings, turns: int
+    out: TextIO,
+    summary: DemoSummary,
+    service: ProxyService,
+    settings: DemoSettings,
+    turns: int,
+    interrupted: bool = False,
 ) -> None:
     now = service.reactor.seconds()
+    # The headline: what this run's moves re-billed, from the usage
+    # history's savings accounting of the requests the user watched, beside
+    # its estimate of naive rotation on the same requests.
+    today = service.history.snapshot(now)["today"]
+    rebilled, naive = today["rebilled"], today["naiveEstimate"]
     print(
-        f"\nSummary: {summary.requests} requests ({summary.ok} ok, {summary.rejected} rate-limited, "
+        ("\nInterrupted: the summary so far." if interrupted else "")
+        + f"\nThis run: its moves re-billed {rebilled:,} cache tokens; naive rotation on the same requests "
+        f"would have re-billed about {naive:,} (estimate), so about {naive - rebilled:,} were saved.",
+        file=out,
+    )
+    print(
+        f"Summary: {summary.requests} requests ({summary.ok} ok, {summary.rejected} rate-limited, "
         f"{summary.failed} failed), {turns} turns, {summary.compactions} compactions, "
         f"{len(summary.switches)} session move(s); cache read {summary.cache_read:,} tokens, "
         f"written {summary.cache_creation:,} tokens",
@@ -306,23 +381,7 @@ def _print_summary(
             f"5h {account.utilization('5h', now):.0%} used, {service.router.status_of(account).value}",
             file=out,
         )
-    # The same traffic replayed on a virtual clock under the real policy and
-    # the naive one, to price the difference.
-    spec, upstream = settings.workload(), settings.upstream()
-    options = settings.driver_options(0.0)
-    baseline = Workload(spec).baseline_tokens(upstream, **options)
-    ours, naive = (replay(policy, spec, upstream, baseline=baseline, **options) for policy in (FULL, NAIVE))
-    print(
-        f"\nRe-billed cache tokens on this traffic (replayed): NextClaude {ours.excess:,}, "
-        f"naive rotation {naive.excess:,} (one unlimited account: 0).",
-        file=out,
-    )
-    today = service.history.snapshot(now)["today"]
-    print(
-        f"Usage history of this run (live): moves re-billed {today['rebilled']:,}, "
-        f"naive rotation estimated at {today['naiveEstimate']:,}, saved (estimate) {today['saved']:,}.",
-        file=out,
-    )
+    print("`nextclaude usage` shows the same accounting for your own proxy.", file=out)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -347,32 +406,47 @@ def main(args: argparse.Namespace) -> int:
             # Log lines have nowhere to go while the console owns the
             # terminal; the demo's own figures come after it.
             globalLogBeginner.beginLoggingTo([LogRouter(None)], redirectStandardIO=False)
-        running = Deferred.fromCoroutine(run_demo(reactor, settings, sys.stdout, console=console, theme=theme))
+        interrupt: Deferred[object] = Deferred()
+        signals: list[int] = []
+        running = Deferred.fromCoroutine(
+            run_demo(reactor, settings, sys.stdout, console=console, theme=theme, interrupt=interrupt)
+        )
         cleaned_up: Deferred[None] = Deferred()
-        cancelled: list[bool] = []
 
         def interrupted() -> Deferred[None]:
-            # Ctrl-C: cancel the run; the reactor waits for its cleanup
+            # Ctrl-C (or a hangup): the run stops its traffic and prints
+            # what it has; the reactor waits for that and the cleanup
             # (ports, temporary directory) before it stops.
-            cancelled.append(True)
-            running.cancel()
+            if not interrupt.called:
+                interrupt.callback(None)
             return cleaned_up
 
-        def quiet_if_cancelled(failure: Failure) -> Failure | None:
-            # Cancelling surfaces as whatever the run was awaiting (a
-            # CancelledError, or a request that never got its response).
-            return None if cancelled else failure
-
         trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+
+        def hung_up(signum: int, frame: object) -> None:
+            # The terminal went away: stop like Ctrl-C, so the temporary
+            # directory (a private config and keys) is removed.
+            signals.append(signum)
+            reactor.callFromThread(reactor.stop)
+
+        def install() -> None:
+            with suppress(ValueError, OSError):
+                signal.signal(signal.SIGHUP, hung_up)
+
+        reactor.callWhenRunning(install)
 
         def settle(result: object) -> object:
             if not cleaned_up.called:
                 cleaned_up.callback(None)
             with suppress(ValueError):
                 reactor.removeSystemEventTrigger(trigger)
+            if interrupt.called and not isinstance(result, Failure):
+                # The status says a signal ended it: 130 for Ctrl-C, 129
+                # for a hangup.
+                raise SystemExit(128 + (signals[-1] if signals else signal.SIGINT))
             return result
 
-        return running.addErrback(quiet_if_cancelled).addBoth(settle)
+        return running.addBoth(settle)
 
     react(start)
     return 0

@@ -480,7 +480,7 @@ class ActivityTests(ConsoleHarness):
         self.make_app()
         self.client.emit(finished(NOW - 30))
         self.client.emit(
-            finished(NOW - 20, BOB, duration=14.2, reason="landed-after-compaction", read=0, created=52_000, fresh=300, out=900)
+            finished(NOW - 20, BOB, duration=14.2, reason="moved-after-compaction", read=0, created=52_000, fresh=300, out=900)
         )
         self.client.emit(finished(NOW - 10, None, status=429, duration=0.01, reason="exhausted", usage=False))
         screen = self.screen(SMALL)
@@ -491,7 +491,7 @@ class ActivityTests(ConsoleHarness):
         first, second, third = rows
         self.assertEqual(first[:12], f"{hhmmss(NOW - 30)} 200")
         self.assertRegex(first, r"200  2\.3s alice@e…le\.com +45k +920 +800 +1\.1k +98% affinity")
-        self.assertRegex(second, r"200   14s bob@exa…le\.com +0 +52\.3k +52k +900 +0% landed:compa")
+        self.assertRegex(second, r"200   14s bob@exa…le\.com +0 +52\.3k +52k +900 +0% moved:compac")
         self.assertRegex(third, r"429  0\.0s - +- +- +- +- +- exhausted")
         for column in ("hit%", "reason"):
             end = title.index(column) + len(column) if column == "hit%" else title.index(column)
@@ -508,12 +508,12 @@ class ActivityTests(ConsoleHarness):
         full account names and reasons.
         """
         self.make_app()
-        self.client.emit(finished(NOW - 20, BOB, reason="landed-after-compaction", read=0, created=52_000, fresh=300))
+        self.client.emit(finished(NOW - 20, BOB, reason="moved-after-compaction", read=0, created=52_000, fresh=300))
         title = self.line_with("reason", LARGE)
         self.assertRegex(title, r"account +↑in +hit +miss +✎ +↓out hit% reason +path")
         row = self.line_with(hhmmss(NOW - 20), LARGE)
-        self.assertRegex(row, r"bob@example\.com +300 +0 +52\.3k +52k +1\.1k +0% landed-after-compaction POST /v1/messages")
-        self.assertEqual(row.index("landed"), title.index("reason"))
+        self.assertRegex(row, r"bob@example\.com +300 +0 +52\.3k +52k +1\.1k +0% moved-after-compaction +POST /v1/messages")
+        self.assertEqual(row.index("moved"), title.index("reason"))
 
     def test_row_colours(self) -> None:
         """
@@ -561,7 +561,7 @@ class ActivityTests(ConsoleHarness):
                 "time": NOW - 40,
                 "account": BOB,
                 "previous": ALICE,
-                "reason": "landed-after-compaction",
+                "reason": "moved-after-compaction",
                 "session": session,
             },
             {"kind": events.PROBE, "time": NOW - 35, "account": CAROL},
@@ -577,7 +577,7 @@ class ActivityTests(ConsoleHarness):
         for expected in [
             f"{hhmmss(NOW - 50)} ◆ armed {ALICE}, successor {BOB}",
             f"{hhmmss(NOW - 45)} ◇ compaction detected s:0b6e4a52-… on {ALICE}",
-            f"{hhmmss(NOW - 40)} ⇄ switched s:0b6e4a52-… {ALICE} → {BOB} (landed-after-compaction)",
+            f"{hhmmss(NOW - 40)} ⇄ switched s:0b6e4a52-… {ALICE} → {BOB} (moved-after-compaction)",
             f"{hhmmss(NOW - 35)} ? probe {CAROL}",
             f"{hhmmss(NOW - 30)} ★ pinned {BOB}",
             f"{hhmmss(NOW - 25)} ☆ pin cleared",
@@ -1456,3 +1456,79 @@ class LabelTests(ConsoleHarness):
         text = render_status(snapshot, NOW)
         self.assertIn(f"> {BOB} (Pro, active)", text)
         self.assertIn(f"  {ALICE} (Pro, draining → {BOB})", text)
+
+
+class LegendAndDemoTests(ConsoleHarness):
+    """
+    Issue 15, items 19 and 20: the legend in every console, and the
+    demo's story (title, intro inside the screen, traffic ended).
+    """
+
+    def test_question_mark_opens_the_legend(self) -> None:
+        """
+        ? opens a legend with a sentence for hit, miss, ✎, cold, every
+        status, every flag and every routing reason of the vocabulary; j
+        scrolls it, any other key closes it.
+        """
+        self.make_app()
+        self.assertIn("? legend", self.screen()[-1])
+        self.press("?")
+        text = self.text()
+        self.assertIn("Legend", text)
+        self.assertIn("hit: tokens read from the prompt cache", text)
+        terms = " ".join(term for section in (views.LEGEND_FIGURES, views.LEGEND_STATUSES, views.LEGEND_FLAGS, views.LEGEND_REASONS) for term, _ in section)
+        for word in ["hit", "miss", "✎", "cold", "active", "armed", "draining", "throttled", "exhausted", "error", "disabled", "primary", "successor", "manual"]:
+            self.assertIn(word, terms)
+        reasons = [
+            "affinity", "placed", "spread-early", "moved-after-compaction", "moved-after-idle", "ceiling",
+            "quota-429", "retry-401", "retry-403", "retry-throttle", "retry-transient", "retry-connect",
+            "forward-only-waived", "manual", "probe", "exhausted", "no-credentials",
+        ]  # fmt: skip
+        self.assertEqual([term for term, _ in views.LEGEND_REASONS], reasons)
+        # The legend is taller than 24 rows: scrolling shows the reasons.
+        self.press(*["j"] * 60)
+        self.assertIn("no-credentials", self.text())
+        self.press("x")
+        self.assertNotIn("Legend", self.text())
+        self.assertFalse(self.app.done.called)
+
+    def test_reason_colours_follow_the_vocabulary(self) -> None:
+        """
+        The log colours routine reasons dim, moves as moves, retries as
+        retries, and exhausted/no-credentials as bad news.
+        """
+        self.assertEqual(views.reason_attr("placed"), p.REASON)
+        self.assertEqual(views.reason_attr("moved-after-idle"), p.REASON_MOVE)
+        self.assertEqual(views.reason_attr("spread-early"), p.REASON_MOVE)
+        self.assertEqual(views.reason_attr("retry-throttle"), p.REASON_RETRY)
+        self.assertEqual(views.reason_attr("no-credentials"), p.REASON_BAD)
+        self.assertEqual(views.reason_text("moved-after-compaction", 14), "moved:compact ")
+
+    def test_demo_title_intro_and_end(self) -> None:
+        """
+        The demo's console says it is a demo on simulated accounts in its
+        title bar and opens with its introduction inside the screen (any
+        key closes it); when the traffic ends the footer says so and how to
+        see the summary, and q quits without the stop question.
+        """
+        done: Deferred[None] = Deferred()
+        self.make_app(
+            owns_proxy=True,
+            title="NextClaude demo · simulated accounts",
+            intro=["Three simulated accounts with small quotas."],
+            traffic_done=done,
+        )
+        self.assertTrue(self.screen()[0].startswith("NextClaude demo · simulated accounts"))
+        self.assertIn("Three simulated accounts with small quotas.", self.text())
+        self.press("x")
+        self.assertNotIn("Three simulated", self.text())
+        self.assertIn("quit+stop proxy", self.screen()[-1])
+        done.callback(None)
+        self.clock.advance(10)
+        self.assertIn("traffic has ended: press q to quit and see the summary", self.screen()[-1])
+        self.press("q")
+        self.assertNotIn("Stop the proxy and quit", self.text())
+        self.clock.advance(0)
+        self.assertEqual(len(self.stops), 1)
+        self.stops[0].callback(None)
+        self.assertEqual(self.successResultOf(self.app.done), Outcome.STOPPED)

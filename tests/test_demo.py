@@ -70,8 +70,9 @@ class DemoTests(TestCase):
         requests all complete without a failure, the proxy switches from the
         first simulated account to the second at least once, compactions
         are detected, the prompt cache is read, and the printed summary line
-        gives the same figures as the returned DemoSummary, followed by the
-        replayed comparison with naive rotation.
+        gives the same figures as the returned DemoSummary.  The headline
+        comes from the run itself: the usage history's re-billed tokens and
+        its naive estimate on the same requests (no separate replay).
         """
         summary, text = await self.play_demo()
         self.assertGreater(summary.requests, 0)
@@ -84,6 +85,14 @@ class DemoTests(TestCase):
         self.assertGreater(summary.compactions, 0)
         self.assertIn("** session moved sim-1 -> sim-2", text)
         self.assertIn("naive rotation", text)
+        self.assertNotIn("replayed", text)
+        headline = re.search(r"^This run: its moves re-billed ([\d,]+) cache tokens; naive rotation on the same "
+                             r"requests would have re-billed about ([\d,]+) \(estimate\), so about (-?[\d,]+) were saved\.$",
+                             text, re.MULTILINE)  # fmt: skip
+        self.assertIsNotNone(headline, text)
+        assert headline is not None
+        rebilled, naive, saved = (int(g.replace(",", "")) for g in headline.groups())
+        self.assertEqual(saved, naive - rebilled)
         line = re.search(r"^Summary: .*$", text, re.MULTILINE)
         self.assertIsNotNone(line)
         assert line is not None
@@ -131,10 +140,11 @@ class DemoTests(TestCase):
 
 
 class InterruptTests(TestCase):
-    async def test_ctrl_c_exits_cleanly(self) -> None:
+    async def test_ctrl_c_prints_the_partial_summary(self) -> None:
         """
-        Ctrl-C (SIGINT) during `nextclaude demo --no-console` stops it with
-        exit status 0, no traceback, and its temporary directory removed.
+        Ctrl-C (SIGINT) during `nextclaude demo --no-console` prints the
+        summary of what ran so far and exits with status 130 (interrupted
+        by SIGINT), no traceback, its temporary directory removed.
         """
         import signal
 
@@ -146,6 +156,29 @@ class InterruptTests(TestCase):
         await watcher.line_matching(rb"\n +[0-9.]+s  200 ")
         watcher.transport.signalProcess(signal.SIGINT)
         reason = await watcher.ended
-        self.assertEqual(reason.exitCode, 0, watcher.output)
+        self.assertEqual(reason.exitCode, 130, watcher.output)
+        self.assertNotIn("Traceback", watcher.output)
+        self.assertIn("Interrupted: the summary so far.", watcher.output)
+        self.assertIn("This run: its moves re-billed", watcher.output)
+        self.assertEqual(os.listdir(tmp), [])
+
+    async def test_sighup_removes_the_temporary_directory(self) -> None:
+        """
+        A hangup (SIGHUP: the terminal closed) stops the demo like Ctrl-C:
+        its temporary directory, with a private config and keys, is
+        removed, and it exits with status 129.
+        """
+        import signal
+
+        from tests.support import spawn_nextclaude
+
+        tmp = Path(self.mktemp()).absolute()
+        tmp.mkdir()
+        watcher = spawn_nextclaude(self, "demo", "--no-console", "--duration", "60", extra_env={"TMPDIR": str(tmp)})
+        await watcher.line_matching(rb"\n +[0-9.]+s  200 ")
+        self.assertEqual(len(os.listdir(tmp)), 1)
+        watcher.transport.signalProcess(signal.SIGHUP)
+        reason = await watcher.ended
+        self.assertEqual(reason.exitCode, 129, watcher.output)
         self.assertNotIn("Traceback", watcher.output)
         self.assertEqual(os.listdir(tmp), [])

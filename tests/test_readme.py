@@ -193,4 +193,4 @@ class RunnableSubsetTests(TestCase):
         self.assertIn(f"export ANTHROPIC_BASE_URL={url}", out)
         code, out, err = await self.run_line(self.line("demo --no-console"), config)
         self.assertEqual(code, 0, err)
-        self.assertIn("Re-billed cache tokens", out)
+        self.assertIn("This run: its moves re-billed", out)

@@ -29,7 +29,8 @@ from nextclaude import events
 from nextclaude.console import keymap
 from nextclaude.console import palette as p
 from nextclaude.console.views import LocalTime, Model
-from nextclaude.console.widgets import AddForm, Dashboard, Menu, Root, confirm_dialog
+from nextclaude.console.views import legend_paragraphs
+from nextclaude.console.widgets import AddForm, Dashboard, Menu, Root, TextPage, confirm_dialog
 
 # How often countdowns tick and the snapshot is fetched again, and the
 # shortest time between two redraws (at most four a second).
@@ -160,7 +161,16 @@ class ConsoleApp:
         localtime: LocalTime = time.localtime,
         tick: float = TICK,
         redraw_interval: float = REDRAW_INTERVAL,
+        title: str | None = None,
+        intro: list[str] | None = None,
+        traffic_done: Deferred[Any] | None = None,
     ) -> None:
+        """
+        C{title} replaces the title bar's first words; C{intro} paragraphs
+        open over the dashboard at start; when C{traffic_done} fires (the
+        demo's simulated traffic ended) the footer says so and C{q} quits
+        without asking.
+        """
         self.reactor = reactor
         self.client = client
         self.owns_proxy = owns_proxy
@@ -177,6 +187,11 @@ class ConsoleApp:
         self._ticker.clock = reactor  # type: ignore[assignment]
         self._message_call: IDelayedCall | None = None
         self._started = False
+        self.traffic_ended = False
+        self.model.title = title
+        self._intro = intro
+        if traffic_done is not None:
+            traffic_done.addBoth(self._traffic_ended)
         self._show_keys()
 
     # -- life cycle ----------------------------------------------------------------
@@ -189,6 +204,8 @@ class ConsoleApp:
         if self._started:
             return
         self._started = True
+        if self._intro:
+            self.open(TextPage("What you are looking at", self._intro, self.close))
         self.client.on_disconnect.addBoth(self._disconnected)
         if self.done.called:
             return
@@ -217,6 +234,14 @@ class ConsoleApp:
         if not self.done.called:
             self.stop()
             self.done.callback(outcome)
+
+    def _traffic_ended(self, result: Any) -> Any:
+        if not self.done.called:
+            self.traffic_ended = True
+            self.model.notice = (p.MESSAGE, "The simulated traffic has ended: press q to quit and see the summary.")
+            self._show_keys()
+            self.redraw.mark()
+        return result
 
     def _disconnected(self, result: Any) -> Any:
         if not self.stopping:
@@ -279,7 +304,7 @@ class ConsoleApp:
             self.model.keys = list(getattr(dialog, "help", keymap.MENU_HELP))
         else:
             keys = list(keymap.DASHBOARD_HELP)
-            if self.owns_proxy:
+            if self.owns_proxy and not self.traffic_ended:
                 keys = [(key, "quit+stop proxy" if label == "quit" else label) for key, label in keys]
             self.model.keys = keys
 
@@ -327,6 +352,7 @@ class ConsoleApp:
             keymap.REMOVE: self.remove_menu,
             keymap.RELOAD: self.reload,
             keymap.HISTORY: self.history,
+            keymap.LEGEND: self.legend,
             keymap.QUIT: self.quit,
         }.get(action or "")
         if handler is None:
@@ -445,11 +471,21 @@ class ConsoleApp:
 
         self.open(HistoryView(self.model, self.close))
 
+    def legend(self) -> None:
+        """
+        C{?}: what the figures, statuses, flags and routing reasons mean.
+        """
+        self.open(TextPage("Legend", legend_paragraphs(), self.close))
+
     def quit(self) -> None:
         """
         C{q}: detach; when this process runs the proxy, ask first, then stop
-        it.
+        it — unless the demo's traffic has ended, when there is nothing
+        left to lose.
         """
+        if self.traffic_ended:
+            self._stop_and_quit()
+            return
         if not self.owns_proxy:
             self.finish(Outcome.DETACHED)
             return

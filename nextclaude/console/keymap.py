@@ -15,6 +15,7 @@ REMOVE = "remove"
 RELOAD = "reload"
 QUIT = "quit"
 HISTORY = "history"
+LEGEND = "legend"
 
 # Menu, dialog and form actions.
 UP = "up"
@@ -33,6 +34,7 @@ DASHBOARD: Mapping[str, str] = {
     "r": REMOVE,
     "R": RELOAD,
     "h": HISTORY,
+    "?": LEGEND,
     "q": QUIT,
 }
 
@@ -75,6 +77,10 @@ FORM: Mapping[str, str] = {
 # The history view (console/history.py): any of these goes back.
 HISTORY_VIEW: Mapping[str, str] = {"h": CANCEL, "esc": CANCEL, "q": CANCEL, "enter": CANCEL}
 
+# A page of text (the legend, the demo's introduction): these scroll it,
+# anything else closes it.
+TEXT_PAGE: Mapping[str, str] = {"j": DOWN, "k": UP, "down": DOWN, "up": UP, "page down": LAST, "page up": FIRST}
+
 # What the footer shows, in order: (key as shown, what it does).
 DASHBOARD_HELP: list[tuple[str, str]] = [
     ("s", "pin"),
@@ -82,10 +88,12 @@ DASHBOARD_HELP: list[tuple[str, str]] = [
     ("r", "remove"),
     ("R", "reload"),
     ("h", "history"),
+    ("?", "legend"),
     ("q", "quit"),
 ]
 MENU_HELP: list[tuple[str, str]] = [("j/k ↑/↓", "move"), ("Enter", "choose"), ("Esc", "cancel")]
 CONFIRM_HELP: list[tuple[str, str]] = [("y", "yes"), ("n/Esc", "no"), ("↑/↓ Enter", "choose")]
+TEXT_HELP: list[tuple[str, str]] = [("j/k ↑/↓", "scroll"), ("any other key", "close")]
 FORM_HELP: list[tuple[str, str]] = [("Tab", "next field"), ("Enter", "add"), ("Esc", "cancel")]
 
 

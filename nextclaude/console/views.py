@@ -41,15 +41,80 @@ COLD_MINIMUM = 1000
 # push the accounts away: past this many rows, one line counts the rest.
 MAX_PROBLEM_ROWS = 6
 
-# Routing reasons (DESIGN.md, point 11) by how remarkable they are.
-_ROUTINE = {"affinity", "primary", "manual"}
-_MOVES = {"landed-after-compaction", "landed-early", "ttl-expired", "ceiling", "forward-only-waived"}
-_RETRIES = {"quota-429", "retry-401", "retry-403", "retry-transient", "retry-throttle", "retry-connect"}
+# Routing reasons (DESIGN.md point 11, the vocabulary fixed by issue 11)
+# by how remarkable they are; anything else (exhausted, no-credentials)
+# is bad news.
+_ROUTINE = {"affinity", "placed", "manual", "probe"}
+_MOVES = {"spread-early", "moved-after-compaction", "moved-after-idle", "ceiling", "forward-only-waived"}
+_RETRIES = {"quota-429", "retry-401", "retry-403", "retry-throttle", "retry-transient", "retry-connect"}
 _SHORT_REASONS = {
-    "landed-after-compaction": "landed:compact",
+    "moved-after-compaction": "moved:compact",
+    "moved-after-idle": "moved:idle",
     "forward-only-waived": "fwd-only-waived",
     "retry-transient": "retry-transnt",
+    "no-credentials": "no-creds",
 }
+
+# The legend (`?`): one sentence for each figure, status, flag and reason.
+LEGEND_FIGURES = [
+    ("hit", "tokens read from the prompt cache: cheap, and what a warm account gives."),
+    ("miss", "tokens processed afresh (input + cache writes): these burn quota."),
+    ("✎", "cache writes, a rebuild of the context; a big ✎ with a low hit % is the expensive event."),
+    ("cold", "a request that wrote more to the cache than it read (and over 1,000 tokens): a full rebuild."),
+]
+LEGEND_STATUSES = [
+    ("active", "serving, with room left."),
+    ("armed", "the primary at the switch threshold: it takes no new sessions."),
+    ("draining", "some session on it will leave at its next cheap moment (→ says where)."),
+    ("throttled", "the API asked to slow down; back after the countdown."),
+    ("exhausted", "out of quota until the window resets (the countdown)."),
+    ("error", "its credential cannot serve; the card says how to fix it."),
+    ("disabled", "taken out of rotation by you."),
+]
+LEGEND_FLAGS = [
+    ("> primary", "where a new session would go."),
+    ("→ successor", "where the next move goes."),
+    ("★ manual", "pinned with s: sessions move there, unless it is full (then it says where traffic goes, and until when)."),
+]
+LEGEND_REASONS = [
+    ("affinity", "the session stayed on the account it is warm on."),
+    ("placed", "a new session, placed on the best account."),
+    ("spread-early", "a young session moved while its context is tiny, so sessions that start together do not crowd one account."),
+    ("moved-after-compaction", "moved right after Claude Code compacted it: only a small summary is re-billed."),
+    ("moved-after-idle", "moved after idling past its cache lifetime: it was cold everywhere anyway."),
+    ("ceiling", "moved because its account hit the hard limit."),
+    ("quota-429", "the API said the quota is used up: retried at once on another account."),
+    ("retry-401", "the token was refused: refreshed (or another account) and retried."),
+    ("retry-403", "permission refused: retried once on another account."),
+    ("retry-throttle", "asked to wait: retried after the wait, then elsewhere."),
+    ("retry-transient", "a 429 about this request only: retried on the same account."),
+    ("retry-connect", "the connection failed before any byte: retried once."),
+    ("forward-only-waived", "went back to an account it left, as no other could serve."),
+    ("manual", "sent to the pinned account."),
+    ("probe", "every account was out: a real request tried one that may have recovered."),
+    ("exhausted", "every account is out: the client got a 429 with when to retry."),
+    ("no-credentials", "no account has a working credential: the client got a 401 naming the fixes."),
+]
+
+
+def legend_paragraphs() -> list[Line]:
+    """
+    The legend the C{?} key opens: what the figures, statuses, flags and
+    routing reasons mean, one sentence each.
+    """
+    paragraphs: list[Line] = []
+    sections = [
+        ("Figures", LEGEND_FIGURES, p.COLD),
+        ("Statuses", LEGEND_STATUSES, p.WARN),
+        ("Flags", LEGEND_FLAGS, p.MARKER),
+        ("Routing reasons (last column of the log)", LEGEND_REASONS, p.REASON_MOVE),
+    ]
+    for title, entries, attr in sections:
+        paragraph: Line = [(p.DIALOG_TITLE, title)]
+        for term, sentence in entries:
+            paragraph += [(None, "\n"), (p.DIALOG_TITLE, f"{term}"), (p.DIALOG, f": {sentence}")]
+        paragraphs.append(paragraph)
+    return paragraphs
 
 
 # -- text helpers ---------------------------------------------------------------
@@ -312,7 +377,7 @@ def totals_of(snapshot: Snapshot) -> dict[str, int]:
     return {key: number(totals, key) for key in keys}
 
 
-def header_parts(snapshot: Snapshot, now: float) -> list[Line]:
+def header_parts(snapshot: Snapshot, now: float, title: str | None = None) -> list[Line]:
     accounts = snapshot.get("accounts") or []
     totals = totals_of(snapshot)
     started = snapshot.get("startedAt")
@@ -321,7 +386,7 @@ def header_parts(snapshot: Snapshot, now: float) -> list[Line]:
     hit = hit_fraction(totals["cacheReadTokens"], totals["inputTokens"] + totals["cacheCreationTokens"])
     sessions = snapshot.get("sessions", 0)
     parts: list[Line] = [
-        [(p.TITLE, f"NextClaude {snapshot.get('version', '?')}")],
+        [(p.TITLE, title or f"NextClaude {snapshot.get('version', '?')}")],
         [(p.HEADER, f"{len(accounts)} account{'s' if len(accounts) != 1 else ''}")],
         [(p.HEADER, f"{sessions} session{'s' if sessions != 1 else ''}")],
         [(p.HEADER, f"cache hit {percent(hit)}")],
@@ -356,7 +421,11 @@ def header_parts(snapshot: Snapshot, now: float) -> list[Line]:
 
 
 def header_lines(
-    snapshot: Snapshot | None, now: float, width: int, problem_budget: int = MAX_PROBLEM_ROWS
+    snapshot: Snapshot | None,
+    now: float,
+    width: int,
+    problem_budget: int = MAX_PROBLEM_ROWS,
+    title: str | None = None,
 ) -> list[Line]:
     """
     The header: version, accounts, sessions, overall cache hit %, tokens
@@ -364,8 +433,8 @@ def header_lines(
     the terminal is wide enough, else wrapped between figures.
     """
     if snapshot is None:
-        return [[(p.TITLE, "NextClaude"), (p.HEADER_DIM, " · waiting for the proxy's status…")]]
-    lines = pack(header_parts(snapshot, now), width, attr=p.HEADER_DIM)
+        return [[(p.TITLE, title or "NextClaude"), (p.HEADER_DIM, " · waiting for the proxy's status…")]]
+    lines = pack(header_parts(snapshot, now, title), width, attr=p.HEADER_DIM)
     lines = [line + [(p.HEADER, " " * max(0, width - line_width(line)))] for line in lines]
     return lines + problem_rows(snapshot, width, problem_budget)
 
@@ -839,6 +908,10 @@ class Model:
     events: deque[Mapping[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
     message: Segment | None = None
     keys: list[tuple[str, str]] = field(default_factory=list)
+    # The title bar's first words (the demo says what it is), and a
+    # footer message that stays until replaced (the demo's "traffic ended").
+    title: str | None = None
+    notice: Segment | None = None
 
     def now(self) -> float:
         return self.clock() + self.offset

@@ -106,7 +106,7 @@ def footer_line(model: Model, cols: int) -> Line:
     keys: Line = []
     for key, label in model.keys:
         keys += [(p.FOOTER_KEY, f" {key}"), (p.FOOTER, f" {label} ")]
-    message = model.message
+    message = model.message or model.notice
     if message is None:
         return pad_line(keys, cols, p.FOOTER)
     attr, text = message
@@ -129,7 +129,7 @@ def footer_lines(model: Model, cols: int) -> list[Line]:
     L{MESSAGE_ROWS} lines (it matters more than the keys for the seconds
     it shows, and its end is often what to do).
     """
-    message = model.message
+    message = model.message or model.notice
     if message is None or width_of(message[1]) <= cols - 2:
         return [footer_line(model, cols)]
     attr, text = message
@@ -148,7 +148,7 @@ def screen_lines(model: Model, cols: int, rows: int) -> list[Line]:
     if rows <= 0 or cols <= 0:
         return []
     now = model.now()
-    header = header_lines(model.snapshot, now, cols, max(1, rows // 4))
+    header = header_lines(model.snapshot, now, cols, max(1, rows // 4), model.title)
     footer_rows = footer_lines(model, cols)
     body = rows - len(header) - len(footer_rows)
     if body < 0:
@@ -438,6 +438,51 @@ class AddForm(urwid.WidgetWrap):
         return None
 
 
+class TextPage(urwid.WidgetWrap):
+    """
+    A page of paragraphs over the dashboard (the legend, the demo's
+    introduction): j/k and the arrows scroll when it is taller than the
+    screen, any other key closes it (C{on_close}).
+    """
+
+    width = 76
+    height: Any = ("relative", 90)
+
+    def __init__(self, title: str, paragraphs: Sequence[Line | str], on_close: Callable[[], None]) -> None:
+        self.on_close = on_close
+        rows: list[urwid.Widget] = []
+        for index, paragraph in enumerate(paragraphs):
+            if index:
+                rows.append(urwid.Divider())
+            rows.append(urwid.Text(paragraph if isinstance(paragraph, str) else list(paragraph)))
+        self.body = urwid.ListBox(urwid.SimpleFocusListWalker(rows))
+        box = urwid.LineBox(self.body, title=title, title_attr=p.DIALOG_TITLE)
+        super().__init__(urwid.AttrMap(box, p.DIALOG))
+
+    @property
+    def help(self) -> list[tuple[str, str]]:
+        return keymap.TEXT_HELP
+
+    def selectable(self) -> bool:
+        return True
+
+    def keypress(self, size: Any, key: str) -> str | None:
+        action = keymap.action(keymap.TEXT_PAGE, key)
+        scroll = {keymap.DOWN: "down", keymap.UP: "up", keymap.LAST: "page down", keymap.FIRST: "page up"}.get(action or "")
+        if scroll is None:
+            self.on_close()
+            return None
+        if len(size) == 2:
+            # The line box takes a row and a column each side.
+            self.body.keypress((max(1, size[0] - 2), max(1, size[1] - 2)), scroll)
+        return None
+
+
+def _overlay_size(dialog: urwid.Widget, cols: int) -> tuple[int, Any]:
+    wanted = getattr(dialog, "width", 64)
+    return max(10, min(wanted, cols - 2)), getattr(dialog, "height", "pack")
+
+
 class Root(urwid.WidgetPlaceholder):
     """
     The top widget: the dashboard, or a dialog over it.  With a dialog open
@@ -465,16 +510,19 @@ class Root(urwid.WidgetPlaceholder):
     def render(self, size: Size, focus: bool = False) -> urwid.Canvas:
         if self.dialog is not None:
             cols = cast(tuple[int, int], size)[0]
-            wanted = getattr(self.dialog, "width", 64)
+            width, height = _overlay_size(self.dialog, cols)
             overlay = self.original_widget
-            overlay.set_overlay_parameters("center", max(10, min(wanted, cols - 2)), "middle", "pack")
+            overlay.set_overlay_parameters("center", width, "middle", height)
         return super().render(size, focus)
 
     def keypress(self, size: Size, key: str) -> str | None:
         if self.dialog is not None:
-            cols = cast(tuple[int, int], size)[0]
-            wanted = getattr(self.dialog, "width", 64)
-            self.dialog.keypress((max(10, min(wanted, cols - 2)),), key)
+            cols, rows = cast(tuple[int, int], size)
+            width, height = _overlay_size(self.dialog, cols)
+            if height == "pack":
+                self.dialog.keypress((width,), key)
+            else:
+                self.dialog.keypress((width, max(3, rows * height[1] // 100)), key)
             return None
         # Keys the console does not use go back to urwid (ctrl l redraws).
         return None if self.on_key(key) else key
