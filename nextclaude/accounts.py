@@ -1070,6 +1070,14 @@ class AccountsService(Service):
                 self._cancel(poller.timer)
                 if poller.inflight is not None:
                     poller.inflight.cancel()
+        # A disabled, re-enabled or re-prioritised account moves the
+        # primary now, so status tells the truth before the next request.
+        if any(
+            (old := before.get(account.name)) is not None
+            and (old.enabled, old.priority) != (account.config.enabled, account.config.priority)
+            for account in self._pool
+        ):
+            self._router.expire()
         for account in self._pool:
             if account.name in added or before.get(account.name) != account.config:
                 self._arm(account.name)

@@ -110,6 +110,28 @@ class ConsoleSettings:
     theme: str = "auto"
 
 
+# Notification events (nextclaude.notify), one vocabulary for the config
+# and the payloads.  "switched" is left out by default: it is routine.
+NOTIFY_EVENTS = ("account-error", "exhausted", "all-exhausted", "recovered", "switched")
+DEFAULT_NOTIFY_EVENTS = ("account-error", "exhausted", "all-exhausted", "recovered")
+
+
+@dataclass(frozen=True, repr=False)
+class NotifySettings:
+    # The URL is a secret (chat webhooks carry their token in it): shown
+    # only as its scheme and host (nextclaude.notify.safe_url).
+    webhook_url: str | None = None
+    # None means DEFAULT_NOTIFY_EVENTS.
+    events: tuple[str, ...] | None = None
+
+    def __repr__(self) -> str:
+        return _repr_fields(self, tuple(self.__dataclass_fields__), frozenset({"webhook_url"}))
+
+    @property
+    def chosen(self) -> tuple[str, ...]:
+        return DEFAULT_NOTIFY_EVENTS if self.events is None else self.events
+
+
 @dataclass(frozen=True, repr=False)
 class AccountConfig:
     name: str
@@ -124,6 +146,9 @@ class AccountConfig:
     scopes: tuple[str, ...] = ()
     import_from: str | None = None
     priority: int = 0
+    # False takes the account out of rotation (nextclaude disable): it
+    # serves nothing, while its tokens are still refreshed.
+    enabled: bool = True
 
     _SECRETS = frozenset({"access_token", "refresh_token", "api_key"})
 
@@ -151,6 +176,7 @@ class Config:
     usage_poll_minutes: float = 30.0
     console: ConsoleSettings = ConsoleSettings()
     history: HistorySettings = HistorySettings()
+    notify: NotifySettings = NotifySettings()
     # API list prices overriding the built-in table (nextclaude.usage_report):
     # (model-id prefix, input $/MTok, output $/MTok), as the file lists them.
     prices: tuple[tuple[str, float, float], ...] = ()
@@ -342,6 +368,35 @@ def _prices(value: Any) -> tuple[tuple[str, float, float], ...]:
     return tuple(prices)
 
 
+def _webhook_url(value: Any) -> str:
+    # Like _http_url, but a query is allowed (some chat webhooks carry
+    # their token there); never echoed, the URL is a secret.
+    if not isinstance(value, str):
+        raise _Invalid(f"must be an http:// or https:// URL, not {_describe(value, secret=True)}")
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # raises ValueError for a malformed port
+    except ValueError:
+        raise _Invalid("must be an http:// or https:// URL (this one is malformed; not shown)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid("must be an http:// or https:// URL with a host (not shown)")
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value.strip()):
+        raise _Invalid("must be a URL of printable ASCII characters without spaces (not shown)")
+    return value.strip()
+
+
+def _notify_events(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _Invalid(f"must be a list of event names, not {_describe(value)}")
+    unknown = [item for item in value if item not in NOTIFY_EVENTS]
+    if unknown:
+        raise _Invalid(
+            f"names unknown event(s) {', '.join(repr(item) for item in unknown)}; "
+            f"known: {', '.join(NOTIFY_EVENTS)}"
+        )
+    return tuple(dict.fromkeys(value))
+
+
 def _theme(value: Any) -> str:
     if value not in THEMES:
         raise _Invalid(f"must be one of {', '.join(repr(t) for t in THEMES)}, not {_describe(value)}")
@@ -400,6 +455,7 @@ def _parse_account(data: Any, where: str) -> AccountConfig:
         scopes=fields.get("scopes", _scopes, ()),
         import_from=fields.get("importFrom", _string, None),
         priority=fields.get("priority", _integer, DEFAULT_PRIORITY[kind]),
+        enabled=fields.get("enabled", _boolean, True),
     )
     if account.credential is None:
         needed = "accessToken" if kind == "oauth" else "apiKey"
@@ -436,6 +492,7 @@ def _parse(data: Mapping[str, Any], path: Path) -> Config:
     )
     history = top.section("history")
     console = top.section("console")
+    notify = top.section("notify")
     log_dir = top.get("logDir", _non_empty_string, None)
     switch = top.get("switchThreshold", _fraction, Config.switch_threshold)
     hard = top.get("hardThreshold", _fraction, Config.hard_threshold)
@@ -477,6 +534,10 @@ def _parse(data: Mapping[str, Any], path: Path) -> Config:
             retention_days=history.get("retentionDays", _number, HistorySettings.retention_days),
         ),
         prices=top.get("prices", _prices, ()),
+        notify=NotifySettings(
+            webhook_url=notify.get("webhookUrl", _webhook_url, None),
+            events=notify.get("events", _notify_events, None),
+        ),
         accounts=tuple(accounts),
     )
 
@@ -510,6 +571,8 @@ def account_to_json(account: AccountConfig) -> dict[str, Any]:
     }
     result.update((key, value) for key, value in optional.items() if value is not None)
     result["priority"] = account.priority
+    if not account.enabled:
+        result["enabled"] = False
     return result
 
 
@@ -714,6 +777,22 @@ def save_tokens(
         return SAVED
 
     return _update(path, operation, create=False)
+
+
+def set_enabled(path: Path, name: str, enabled: bool) -> bool:
+    """Take account ``name`` out of rotation (False) or put it back (True).
+
+    One locked operation on the file as it is now; the running proxy picks
+    it up on its next reload. False if there is no such account.
+    """
+    return update_account(path, name, {"enabled": enabled})
+
+
+def set_priority(path: Path, name: str, priority: int) -> bool:
+    """Give account ``name`` a priority (lower is used first); as ``set_enabled``."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer, not {priority!r}")
+    return update_account(path, name, {"priority": priority})
 
 
 def remove_account(path: Path, name: str) -> bool:

@@ -41,7 +41,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from nextclaude import paths, tokenstate
-from nextclaude.config import add_account, load_config, remove_account
+from nextclaude.config import add_account, load_config, remove_account, set_enabled, set_priority
 from nextclaude.events import Event, EventHub
 
 # A little under AMP's 65,535-byte value limit.
@@ -391,6 +391,22 @@ class Reload(amp.Command):
     errors = dict(_ACCOUNT_ERRORS)
 
 
+class SetAccount(amp.Command):
+    """
+    Take an account out of rotation or put it back (C{enabled}), or give
+    it a C{priority}: each one locked operation on the config file, then a
+    reload.  Either argument may be absent.
+    """
+
+    arguments = [
+        (b"name", amp.Unicode()),
+        (b"enabled", amp.Boolean(optional=True)),
+        (b"priority", amp.Integer(optional=True)),
+    ]
+    response = []  # type: ignore[var-annotated]
+    errors = dict(_ACCOUNT_ERRORS)
+
+
 class Stop(amp.Command):
     """
     Stop the proxy gracefully, as its first SIGTERM would: accept nothing
@@ -437,6 +453,12 @@ class Accounts(Protocol):
 
     def reload(self) -> tuple[list[str], list[str]] | Awaitable[tuple[list[str], list[str]]]:
         """Re-read the config file's accounts; return the names (added, removed)."""
+
+    def set_enabled(self, name: str, enabled: bool) -> None | Awaitable[None]:
+        """Disable or enable the account; unknown names raise."""
+
+    def set_priority(self, name: str, priority: int) -> None | Awaitable[None]:
+        """Give the account a priority; unknown names raise."""
 
 
 class ControlledProxy(Protocol):
@@ -542,6 +564,16 @@ class ConfigAccounts:
 
     def reload(self) -> tuple[list[str], list[str]]:
         return self._reload()
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        if not set_enabled(self._path, name, enabled):
+            raise UnknownAccount(f"no account named {name!r} in {self._path}")
+        self._reload()
+
+    def set_priority(self, name: str, priority: int) -> None:
+        if not set_priority(self._path, name, priority):
+            raise UnknownAccount(f"no account named {name!r} in {self._path}")
+        self._reload()
 
 
 async def _settle(value: Awaitable[T] | T) -> T:
@@ -658,6 +690,17 @@ class ControlServerProtocol(_QuietAMP):
     async def reload(self) -> dict[str, Any]:
         added, removed = await self._account_call("reloading the config", self._proxy.accounts.reload)
         return {"added": list(added), "removed": list(removed)}
+
+    @SetAccount.responder
+    async def set_account(self, name: str, enabled: bool | None, priority: int | None) -> dict[str, Any]:
+        accounts = self._proxy.accounts
+        if enabled is not None:
+            await self._account_call(
+                f"{'enabling' if enabled else 'disabling'} {name!r}", lambda: accounts.set_enabled(name, enabled)
+            )
+        if priority is not None:
+            await self._account_call(f"setting {name!r}'s priority", lambda: accounts.set_priority(name, priority))
+        return {}
 
     async def _account_call(self, doing: str, call: Callable[[], Any]) -> Any:
         try:
@@ -916,6 +959,20 @@ def read_snapshot(socket_path: Path | str, timeout: float = CLIENT_TIMEOUT) -> d
     return _ask_blocking(Path(socket_path), Snapshot, timeout)["snapshot"]
 
 
+def reload_proxy(socket_path: Path | str, timeout: float = CLIENT_TIMEOUT) -> tuple[list[str], list[str]]:
+    """
+    Ask the running proxy to re-read its accounts now (blocking, for
+    commands that just wrote the file); the names (added, removed).
+
+    @raise NotRunning: no proxy listens there (it reads the file when it
+        starts).
+    @raise ControlError: as L{read_snapshot}, or the reload's own error
+        (L{ConfigUnusable} for a file it refused).
+    """
+    answer = _ask_blocking(Path(socket_path), Reload, timeout)
+    return answer["added"], answer["removed"]
+
+
 def stop_proxy(
     socket_path: Path | str,
     on_answer: Callable[[dict[str, Any]], None],
@@ -1145,6 +1202,14 @@ class ControlClient:
     def reload(self) -> Deferred[tuple[list[str], list[str]]]:
         """Re-read the config file's accounts; the names (added, removed)."""
         return Deferred.fromCoroutine(self._reload())
+
+    def set_enabled(self, name: str, enabled: bool) -> Deferred[None]:
+        """Disable or enable an account.  L{UnknownAccount} if there is no such account."""
+        return Deferred.fromCoroutine(self._nothing(SetAccount, name=name, enabled=enabled))
+
+    def set_priority(self, name: str, priority: int) -> Deferred[None]:
+        """Give an account a priority.  L{UnknownAccount} if there is no such account."""
+        return Deferred.fromCoroutine(self._nothing(SetAccount, name=name, priority=priority))
 
     async def _reload(self) -> tuple[list[str], list[str]]:
         answer = await self._ask(Reload)

@@ -572,6 +572,9 @@ class HistoryService(Service):
         self._writer_done = False
         self._unsubscribe: Callable[[], None] | None = None
         self.summary = HistorySummary(localtime=localtime)
+        # What this run recorded, never pruned: counters for the metrics
+        # page (nextclaude.metrics) must only grow.
+        self.recorded = Totals()
         # Requests the queue had no room for, and requests a failed write
         # lost: both are counted, never waited for.
         self.dropped = 0
@@ -690,7 +693,9 @@ class HistoryService(Service):
 
     def _recorded(self, rows: list[tuple[Any, ...]]) -> None:
         for row in rows:
-            self.summary.add(row[3], row[0], Totals.of_row(row))
+            totals = Totals.of_row(row)
+            self.summary.add(row[3], row[0], totals)
+            self.recorded.add(totals)
 
     def _count_lost(self, count: int) -> None:
         self.lost += count

@@ -29,6 +29,8 @@ class Status(enum.Enum):
     THROTTLED = "throttled"
     EXHAUSTED = "exhausted"
     ERROR = "error"
+    # Taken out of rotation by the user (config field enabled: false).
+    DISABLED = "disabled"
 
 
 # Windows that only limit one model family.  Any other window (including
@@ -362,7 +364,7 @@ class AccountPool:
         )
 
     def serviceable(self, account: Account, now: float, family: str | None = None) -> bool:
-        if account.error is not None:
+        if not account.config.enabled or account.error is not None:
             return False
         if account.throttled_until is not None and account.throttled_until > now:
             return False
@@ -373,6 +375,9 @@ class AccountPool:
         The account's base status.  The router refines C{active} into
         C{armed} and C{draining} from its own state.
         """
+        if not account.config.enabled:
+            # The user's choice comes first; an error stays in account.error.
+            return Status.DISABLED
         if account.error is not None:
             return Status.ERROR
         # One model's weekly limit does not make the whole account exhausted.

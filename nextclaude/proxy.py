@@ -27,7 +27,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from nextclaude import events
+from nextclaude import __version__, events
 from nextclaude.allocator import Allocator, Reclaimer
 from nextclaude.config import Config
 from nextclaude.events import EventHub
@@ -41,6 +41,9 @@ from nextclaude.upstream import UpstreamService, UpstreamUnavailable, is_origin_
 from nextclaude.usage import StreamParser, Usage, usage_from_json_body
 
 STATUS_PATH = b"/nextclaude/status"
+HEALTH_PATH = b"/nextclaude/health"
+METRICS_PATH = b"/nextclaude/metrics"
+HEALTH_BODY = json.dumps({"ok": True, "version": __version__}).encode("utf-8")
 
 # RFC 9110 hop-by-hop headers, plus what the proxy itself must own: the
 # length and encoding of the body it re-frames, and the Host of the upstream.
@@ -703,7 +706,18 @@ class ProxyResource(Resource):
         self._active: set[Request] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
+    #: Renders the Prometheus page (nextclaude.metrics); set by the service
+    #: that owns the registry, None in a resource built without one.
+    metrics: Callable[[], tuple[bytes, str]] | None = None
+
     def render(self, request: Request) -> bytes | int:
+        if request.path == HEALTH_PATH and request.method in (b"GET", b"HEAD"):
+            # For service monitors (a container's host.docker.internal
+            # too): before the key and any Host check, so it says only
+            # that the process answers, and its version.
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            return HEALTH_BODY
         if request.method == b"HEAD":
             # Claude Code's preconnect (HEAD /api/hello, HEAD / in older
             # builds) comes without credentials: answered here, before
@@ -723,6 +737,15 @@ class ProxyResource(Resource):
                 return respond_error(request, 405, "invalid_request_error", "Use GET.")
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(self._status()).encode("utf-8")
+        if request.path in (METRICS_PATH, HEALTH_PATH):
+            if request.method != b"GET":
+                return respond_error(request, 405, "invalid_request_error", "Use GET.")
+            if self.metrics is None:
+                # Not relayed either: the upstream knows nothing of it.
+                return respond_error(request, 404, "not_found_error", "This proxy has no metrics.")
+            page, content_type = self.metrics()
+            request.setHeader(b"content-type", content_type.encode("ascii"))
+            return page
         self._active.add(request)
         relaying = Deferred.fromCoroutine(self._relay(request)).addErrback(self._crashed, request)
         relaying.addBoth(self._done, request)

@@ -679,7 +679,8 @@ class Router:
         """
         candidates = []
         for account in self.pool:
-            if account.error is not None or account.name in exchange.tried:
+            # A disabled account serves nothing, not even a probe.
+            if account.error is not None or not account.config.enabled or account.name in exchange.tried:
                 continue
             weekly = account.live_windows(now).get("7d")
             if weekly is not None and (
@@ -755,8 +756,11 @@ class Router:
         out_of_quota: list[Account] = []
         throttled: list[Account] = []
         refused: list[Account] = []
+        disabled: list[Account] = []
         for account in self.pool:
-            if account.error is not None:
+            if not account.config.enabled:
+                disabled.append(account)
+            elif account.error is not None:
                 dead.append(account)
             elif self.pool.at_ceiling(account, now, family):
                 out_of_quota.append(account)
@@ -767,7 +771,7 @@ class Router:
                 # there (a 403 first, say): it says nothing about waiting.
                 refused.append(account)
         waiting = out_of_quota + throttled
-        if not waiting and not refused:
+        if not waiting and not refused and not disabled:
             return Decision(None, NO_CREDENTIALS, status=401, message=self._dead_message(dead))
         backs = {account.name: self._back_at(account, now, family) for account in waiting}
         reset = min((back for back in backs.values() if back is not None), default=None)
@@ -795,6 +799,9 @@ class Router:
             parts.append(f"Refused this request: {', '.join(account.name for account in refused)}.")
         if dead:
             parts.append("Dead credentials: " + " ".join(f"{_dead_entry(account)}." for account in dead))
+        if disabled:
+            names = ", ".join(account.name for account in disabled)
+            parts.append(f"Disabled: {names} (`nextclaude enable NAME` puts one back).")
         return Decision(
             None,
             EXHAUSTED,
@@ -805,7 +812,7 @@ class Router:
             # With a dead credential or a refusal in the story, the client
             # must show this message, not its own usage-limit notice.
             claim=self._blocking_claim(min(out_of_quota, key=lambda a: backs[a.name] or math.inf), now, family)
-            if out_of_quota and not throttled and not dead and not refused
+            if out_of_quota and not throttled and not dead and not refused and not disabled
             else None,
         )
 

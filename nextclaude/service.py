@@ -21,6 +21,8 @@ from nextclaude.accounts import AccountsService, AccountsSettings
 from nextclaude.control import ConfigAccounts, ControlService
 from nextclaude.events import Event, EventHub
 from nextclaude.history import HistoryService, history_path
+from nextclaude.metrics import MetricsService, Sources
+from nextclaude.notify import NotifyService
 from nextclaude.oauth import OAuthClient
 from nextclaude.problems import Problems
 from nextclaude.pool import AccountPool, Thresholds
@@ -228,6 +230,11 @@ class ProxyService(MultiService):
             problems=self.problems,
         )
         self.history.setServiceParent(self)
+        # The operator's webhook (notify.webhookUrl); idle without one.
+        self.notifier = NotifyService(
+            reactor, self.hub, config.notify, self.router, secrets=self._secrets, problems=self.problems
+        )
+        self.notifier.setServiceParent(self)
         self.resource = resource = ProxyResource(
             reactor,
             config,
@@ -238,6 +245,21 @@ class ProxyService(MultiService):
             self.status,
             recorder=self.request_log,
         )
+        # GET /nextclaude/metrics: a registry of this proxy's own.
+        self.metrics = MetricsService(
+            self.hub,
+            Sources(
+                router=self.router,
+                clock=reactor.seconds,
+                started=self.started_at,
+                in_flight=resource.in_flight,
+                problems=self.problems,
+                history=self.history,
+                notifier=self.notifier,
+            ),
+        )
+        self.metrics.setServiceParent(self)
+        resource.metrics = self.metrics.render
         self.site = ProxySite(resource, config.proxy.max_body_bytes, reactor=reactor)
         self.listener = ListenService(reactor, self.site, config.proxy.port, config.proxy.host)
         self.listener.setServiceParent(self)
@@ -403,9 +425,23 @@ class ProxyService(MultiService):
         host, port = self.address()
         self.problems.sync_accounts({account.name: account.error for account in self.pool})
         now = self.reactor.seconds()
-        return snapshot(
+        result = snapshot(
             self.router, now, self.started_at, host, port, self.problems.snapshot(), history=self.history.snapshot(now)
         )
+        # The webhook as scheme and host only, and its delivery counts;
+        # null without one.
+        result["notify"] = self.notifier.snapshot()
+        return result
+
+    def _secrets(self) -> list[str | None]:
+        """
+        Every secret this proxy holds, for the notifier to cut out of what
+        it sends.
+        """
+        found: list[str | None] = [self.config.proxy.api_key]
+        for account in self.pool:
+            found += [account.config.access_token, account.config.refresh_token, account.config.api_key]
+        return found
 
     def _log_event(self, event: Event) -> None:
         # Routing events are worth a plain log line; per-request ones are

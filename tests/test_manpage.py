@@ -29,6 +29,7 @@ from nextclaude.config import (
     ConfigError,
     ConsoleSettings,
     HistorySettings,
+    NotifySettings,
     OAuthSettings,
     ProxySettings,
     new_config_data,
@@ -290,7 +291,13 @@ def top_level_fields() -> dict[str, Any]:
     the file, with its default; read from the settings dataclasses.
     """
     fields: dict[str, Any] = {}
-    sections = {"proxy": ProxySettings, "oauth": OAuthSettings, "history": HistorySettings, "console": ConsoleSettings}
+    sections = {
+        "proxy": ProxySettings,
+        "oauth": OAuthSettings,
+        "history": HistorySettings,
+        "console": ConsoleSettings,
+        "notify": NotifySettings,
+    }
     for field in dataclasses.fields(Config):
         if field.name == "path":
             continue

@@ -66,6 +66,10 @@ class ConsoleClient(Protocol):
 
     def reload(self) -> Deferred[Any]: ...
 
+    def set_enabled(self, name: str, enabled: bool) -> Deferred[Any]: ...
+
+    def set_priority(self, name: str, priority: int) -> Deferred[Any]: ...
+
     def close(self) -> Any: ...
 
 
@@ -350,6 +354,8 @@ class ConsoleApp:
             keymap.PIN: self.pin_menu,
             keymap.ADD: self.add_form,
             keymap.REMOVE: self.remove_menu,
+            keymap.TOGGLE: self.toggle_menu,
+            keymap.PRIORITY: self.priority_menu,
             keymap.RELOAD: self.reload,
             keymap.HISTORY: self.history,
             keymap.LEGEND: self.legend,
@@ -433,6 +439,68 @@ class ConsoleApp:
 
         question = f"Remove {name}? Its credentials are deleted from the configuration."
         self.open(confirm_dialog("Remove account", question, f"Remove {name}", yes, self.close))
+
+    def toggle_menu(self) -> None:
+        """
+        C{d}: choose an account to disable (it serves nothing, keeps its
+        tokens fresh) or, if it is disabled, to enable again.
+        """
+        entries = self._account_entries()
+        if not entries:
+            self.say("no accounts to disable or enable", error=True)
+            return
+        note = "A disabled account serves nothing until it is enabled again."
+        self.open(Menu("Disable or enable an account", entries, self._toggle_chosen, self.close, note=note))
+
+    def _toggle_chosen(self, name: str) -> None:
+        self.close()
+        status = next((a.get("status") for a in self.model.accounts if a.get("name") == name), None)
+        enable = status == "disabled"
+        self._call(
+            "enabling" if enable else "disabling",
+            lambda: self.client.set_enabled(name, enable),
+            lambda _: f"{'enabled' if enable else 'disabled'} {name}",
+        )
+
+    def priority_menu(self) -> None:
+        """
+        C{p}: choose an account, then its priority (lower is used first).
+        """
+        entries = self._account_entries()
+        if not entries:
+            self.say("no accounts to order", error=True)
+            return
+        self.open(Menu("Set an account's priority", entries, self._priority_account_chosen, self.close))
+
+    def _priority_account_chosen(self, name: str) -> None:
+        self.close()
+        current = next((a.get("priority") for a in self.model.accounts if a.get("name") == name), None)
+        current = current if isinstance(current, int) else 0
+        # The values people use are small; a current one outside them
+        # stays choosable (`nextclaude priority` takes any integer).
+        values = sorted(set(range(10)) | {current})
+        entries: list[tuple[list[tuple[str | None, str]], int]] = [
+            ([(None, ("● " if value == current else "  ") + str(value))], value) for value in values
+        ]
+        note = f"Lower is used first; {name} has {current}."
+        self.open(
+            Menu(
+                f"Priority of {name}",
+                entries,
+                lambda value: self._priority_chosen(name, value),
+                self.close,
+                note=note,
+                focus=values.index(current),
+            )
+        )
+
+    def _priority_chosen(self, name: str, value: int) -> None:
+        self.close()
+        self._call(
+            "setting the priority",
+            lambda: self.client.set_priority(name, value),
+            lambda _: f"{name} has priority {value}",
+        )
 
     def add_form(self) -> None:
         """

@@ -12,6 +12,8 @@ from typing import Mapping
 PIN = "pin"
 ADD = "add"
 REMOVE = "remove"
+TOGGLE = "toggle"
+PRIORITY = "priority"
 RELOAD = "reload"
 QUIT = "quit"
 HISTORY = "history"
@@ -32,6 +34,10 @@ DASHBOARD: Mapping[str, str] = {
     "s": PIN,
     "a": ADD,
     "r": REMOVE,
+    # d and p are left out of the footer (DASHBOARD_HELP), which is full
+    # at 80 columns; the man page and README list them.
+    "d": TOGGLE,
+    "p": PRIORITY,
     "R": RELOAD,
     "h": HISTORY,
     "?": LEGEND,
