@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nextclaude.cli import main
@@ -312,6 +312,33 @@ class _ListeningClock(Clock):
         return _FakePort()
 
 
+# The read(2) system call's number, by machine: /proc/PID/syscall names the
+# call a blocked process sits in.
+_READ_SYSCALL = {"x86_64": 0, "aarch64": 63}
+
+
+async def interrupt_when_reading(watcher: ProcessWatcher) -> None:
+    """
+    Send SIGINT once the process sits in read(2) on its terminal.
+
+    A prompt is written just before the read starts: a SIGINT that lands
+    in between is only noted by Python, and the read that follows blocks
+    until input comes (a real race, though no typist hits it).  Where
+    /proc cannot tell, the signal goes at once.
+    """
+    pid = watcher.transport.pid
+    number = _READ_SYSCALL.get(os.uname().machine)
+    while number is not None and pid is not None and not watcher.ended.called:
+        try:
+            call = Path(f"/proc/{pid}/syscall").read_text().split()
+        except OSError:
+            break
+        if call and call[0] == str(number):
+            break
+        await deferLater(reactor, 0.02)
+    watcher.transport.signalProcess("INT")
+
+
 def spawn_in_pty(test: Any, *args: str, extra_env: dict[str, str] | None = None) -> ProcessWatcher:
     """
     Run `python -m nextclaude ARGS` on a pseudo-terminal of its own (its
@@ -413,7 +440,7 @@ class PromptTests(TestCase):
         before = self.config.read_bytes()
         watcher = spawn_in_pty(self, "--config", str(self.config), "remove", "work")
         await watcher.line_matching(rb"\[y/N\]")
-        watcher.transport.signalProcess("INT")
+        await interrupt_when_reading(watcher)
         reason = await watcher.ended
         self.assertEqual(reason.exitCode, 130, watcher.output)
         self.assertNotIn("Traceback", watcher.output)
@@ -428,7 +455,7 @@ class PromptTests(TestCase):
         before = self.config.read_bytes()
         watcher = spawn_in_pty(self, "--config", str(self.config), "login", "--api")
         await watcher.line_matching(rb"input hidden")
-        watcher.transport.signalProcess("INT")
+        await interrupt_when_reading(watcher)
         reason = await watcher.ended
         self.assertEqual(reason.exitCode, 130, watcher.output)
         self.assertNotIn("Traceback", watcher.output)
