@@ -34,9 +34,10 @@ account cannot hold it beside the sessions placed there before it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from nextclaude.pool import Account, AccountPool
 from nextclaude.sessions import Session
@@ -281,6 +282,27 @@ class Placement:
         # Fitted (scale, read weight) per (account, window); ("", window) is
         # the pool's.  Cleared whenever a reading teaches something.
         self._fits_cache: dict[tuple[str, str], tuple[float, float]] = {}
+        # Within one batch (see L{batch}) nothing changes, so what every
+        # session reserves and the pool's growth rate are worked out once:
+        # refreshing the status asks for each live session's reservation
+        # once per session it weighs, which is quadratic without this.
+        self._memo: dict[Any, Any] | None = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """
+        Decisions made inside share the sessions' reservations and growth
+        rates, worked out once; the caller must not change sessions or
+        learn from readings until the block ends.
+        """
+        if self._memo is not None:
+            yield
+            return
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
 
     # -- learning -------------------------------------------------------------------
 
@@ -420,10 +442,20 @@ class Placement:
         mine = own(session)
         if mine is not None:
             return mine
+        memo = self._memo
+        if memo is not None and "pooled growth" in memo:
+            return memo["pooled growth"]  # type: ignore[no-any-return]
+        # The session itself has no rate of its own, so "the others" are
+        # every session that has one: the same mean for every caller.
         others = [rates for s in self._sessions() if s.key != session.key and (rates := own(s)) is not None]
-        if others:
-            return sum(r[0] for r in others) / len(others), sum(r[1] for r in others) / len(others)
-        return PRIOR_GROWTH, PRIOR_GROWTH
+        pooled = (
+            (sum(r[0] for r in others) / len(others), sum(r[1] for r in others) / len(others))
+            if others
+            else (PRIOR_GROWTH, PRIOR_GROWTH)
+        )
+        if memo is not None:
+            memo["pooled growth"] = pooled
+        return pooled
 
     def _project(self, session: Session, start: float, end: float) -> Cost:
         """The cost of growing the context from C{start} to C{end} and compacting there."""
@@ -451,6 +483,15 @@ class Placement:
         reservation): projected from its context to where it will compact,
         at least a share of a cycle.
         """
+        memo = self._memo
+        if memo is not None:
+            key = ("remaining", session.key)
+            if key not in memo:
+                memo[key] = self._remaining(session)
+            return memo[key]  # type: ignore[no-any-return]
+        return self._remaining(session)
+
+    def _remaining(self, session: Session) -> Cost:
         cycle = self.cycle_cost(session)
         if session.context:
             left = self._project(session, float(session.context), self.compacts_at(session))

@@ -584,6 +584,12 @@ class Router:
         would leave at its cheap moment, and the successor is where the
         first of them would go.
         """
+        # It runs on every route and response and weighs every live session
+        # against the others' reservations: one batch works each out once.
+        with self.placement.batch():
+            self._refresh_placed_now(now)
+
+    def _refresh_placed_now(self, now: float) -> None:
         pool, placement = self.pool, self.placement
         manual = pool.get(self.manual)
         if manual is not None and pool.serviceable(manual, now, ACCOUNT_WIDE) and self._below_switch(manual, now):
