@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def _server(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
     from twisted.internet.error import CannotListenError
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
     from twisted.python.usage import UsageError
 
     from nextclaude import tap
@@ -40,11 +40,13 @@ def _server(args: argparse.Namespace) -> int:
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1
 
+    from nextclaude.activity import terminal_observer
     from nextclaude.console.app import LogRouter
 
-    # Plain log lines, unless the console takes over the terminal: then they
-    # go to a file beside the config while it runs.
-    log_router = LogRouter(textFileLogObserver(sys.stdout))
+    # Plain log lines in the project's own format (activity rows in the
+    # console's columns, no Twisted factory chatter), unless the console
+    # takes over the terminal: then they go to a file beside the config.
+    log_router = LogRouter(terminal_observer(sys.stdout))
     globalLogBeginner.beginLoggingTo([log_router], redirectStandardIO=False)
     try:
         service = ProxyService(reactor, config, log_bodies=args.log_bodies)

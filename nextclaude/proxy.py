@@ -1051,6 +1051,7 @@ class ProxyResource(Resource):
             model=facts.model if facts is not None else None,
             client=client_product(request.requestHeaders.getRawHeaders(b"user-agent", [None])[-1]),
             side=facts.is_side_request if facts is not None else False,
+            side_kind=facts.side_kind if facts is not None else None,
             compaction=facts.is_compaction if facts is not None else False,
             continuation=facts.starts_with_continuation if facts is not None else False,
             ttl=facts.cache_ttl if facts is not None else None,

@@ -316,6 +316,8 @@ class RequestLog(Service):
             entry = self._pending.pop(request_id, None) or {"time": self._wall_clock()}
             entry.update(
                 account=data.get("account"),
+                model=data.get("model"),
+                side=data.get("side_kind"),
                 reason=data.get("reason"),
                 status=data.get("status"),
                 ok=data.get("ok"),

@@ -15,7 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from nextclaude import events, paths
+from nextclaude import activity, events, paths
 from nextclaude.config import Config
 from nextclaude.accounts import AccountsService, AccountsSettings
 from nextclaude.control import ConfigAccounts, ControlService
@@ -131,12 +131,25 @@ class ListenService(Service):
             self.privilegedStartService()
         super().startService()
 
+    _log = Logger()
+
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
-        return None
+        if port is None:
+            return None
+        address = port.getHost()
+        stopped = port.stopListening()
+        if stopped is None:
+            return None
+
+        # Said in our words once the port is closed: Twisted's own
+        # "(TCP Port N Closed)" stays out of the terminal.
+        def closed(result: object) -> object:
+            self._log.info("stopped listening on {host}:{port}", host=address.host, port=address.port)
+            return result
+
+        return stopped.addCallback(closed)
 
 
 class ProxyService(MultiService):
@@ -263,6 +276,7 @@ class ProxyService(MultiService):
         self.site = ProxySite(resource, config.proxy.max_body_bytes, reactor=reactor)
         self.listener = ListenService(reactor, self.site, config.proxy.port, config.proxy.host)
         self.listener.setServiceParent(self)
+        self._rows = activity.Rows()
         self.hub.subscribe(self._log_event)
 
     _stopping: Deferred[None] | None = None
@@ -445,19 +459,12 @@ class ProxyService(MultiService):
 
     def _log_event(self, event: Event) -> None:
         # Routing events are worth a plain log line; per-request ones are
-        # summarised once, when the request finishes.
+        # summarised once, when the request finishes, in the console's
+        # activity columns (a header first).
         if event.kind == events.REQUEST_FINISHED:
-            data = event.data
-            usage = data.get("usage") or {}
-            # Formatted here, once: a format string with ten fields costs
-            # twice as much on a line written for every request.
-            line = (
-                f"{data.get('method')} {data.get('path')} {data.get('status')} {data.get('account') or '-'} "
-                f"{data.get('reason')} {data.get('duration', 0.0):.2f}s in={usage.get('input_tokens', 0)} "
-                f"out={usage.get('output_tokens', 0)} cache_read={usage.get('cache_read_input_tokens', 0)} "
-                f"cache_write={usage.get('cache_creation_input_tokens', 0)}"
-            )
-            self._log.info("{line}", line=line)
+            row = {**event.data, "time": event.time}
+            for line in self._rows.lines(row, (account.name for account in self.pool)):
+                self._log.info("{line}", line=line, **{activity.ROW_KEY: True})
         elif event.kind not in (events.REQUEST_STARTED, events.REQUEST_ROUTED):
             details = " ".join(f"{key}={value}" for key, value in sorted(event.data.items()))
             self._log.info("{kind} {details}", kind=event.kind, details=details)

@@ -107,6 +107,13 @@ class RequestFacts:
 
     C{uses_cache} says whether the body carries any C{cache_control}: a
     request without one says nothing about the session's cache TTL.
+
+    C{side_kind} names what a small request beside the conversation is, for
+    the logs: C{"count"} (count_tokens), C{"quota"} (the C{max_tokens: 1}
+    quota check) or C{"title"} (a Haiku request without C{cache_control},
+    the way Claude Code asks for a session title); L{None} otherwise.  Only
+    the first two are C{is_side_request}: a title's usage still counts
+    toward its session.
     """
 
     session_key: str | None
@@ -118,6 +125,7 @@ class RequestFacts:
     starts_with_continuation: bool
     is_side_request: bool
     uses_cache: bool = True
+    side_kind: str | None = None
 
 
 _UNPARSED: Any = object()
@@ -365,6 +373,14 @@ def inspect_request(
                 match = _MAX_TOKENS.match(body, at)
                 side = match is not None and int(match.group(1)) == 1
 
+    side_kind: str | None = None
+    if count_tokens:
+        side_kind = "count"
+    elif side:
+        side_kind = "quota"
+    elif not uses_cache and model is not None and "haiku" in model.lower():
+        side_kind = "title"
+
     return RequestFacts(
         session_key=key,
         key_source=source,
@@ -375,6 +391,7 @@ def inspect_request(
         starts_with_continuation=continues,
         is_side_request=side,
         uses_cache=uses_cache,
+        side_kind=side_kind,
     )
 
 

@@ -19,7 +19,7 @@ from twisted.web.server import Site
 from twisted.web.resource import Resource
 
 from nextclaude.cli import main
-from tests.support import PROXY_KEY, client, spawn_nextclaude, write_config
+from tests.support import FakeUpstream, PROXY_KEY, auth, client, json_reply, listen, spawn_nextclaude, write_config
 
 
 class ArgumentTests(SynchronousTestCase):
@@ -174,6 +174,35 @@ class ServerProcessTests(TestCase):
         self.assertEqual(state.stat().st_mode & 0o777, 0o600)
         self.assertIn("alice", json.loads(state.read_text())["accounts"])
         self.assertNotIn(b"sk-ant-oat01", watcher.out + watcher.err)
+
+    async def test_server_output_is_activity_columns(self) -> None:
+        """
+        `nextclaude server --no-console` writes a header line and one row per
+        request in the console's activity columns, with the model family and
+        side requests tagged (count_tokens as side:count), and none of
+        Twisted's factory chatter or object reprs.
+        """
+        usage = {"input_tokens": 12, "output_tokens": 7, "cache_read_input_tokens": 3000, "cache_creation_input_tokens": 0}
+        upstream = FakeUpstream(lambda seen: json_reply(seen.request, 200, {"type": "message", "content": [], "usage": usage}))
+        config = write_config(self, listen(self, upstream))
+        watcher = spawn_nextclaude(self, "--config", str(config), "server", "--port", "0", "--no-console")
+        url = (await watcher.line_matching(rb"listening on (http://127\.0\.0\.1:\d+)")).group(1).decode()
+        body = json.dumps({"model": "claude-sonnet-4-5-20250929", "max_tokens": 100, "messages": []}).encode()
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            response = await client(self).post(url + path, data=body, headers=auth())
+            self.assertEqual(response.code, 200)
+            await response.content()
+        await watcher.line_matching(rb"side:count")
+        watcher.transport.signalProcess(signal.SIGTERM)
+        self.assertEqual((await watcher.ended).exitCode, 0, watcher.output)
+        out = watcher.out.decode()
+        self.assertRegex(out, r"(?m)^time +st +dur account +model +hit +miss +✎ +↓out hit% reason$")
+        self.assertEqual(out.count("time "), 1, out)
+        self.assertRegex(out, r"(?m)^\d\d:\d\d:\d\d 200 +\S+s (alice|bob) +sonnet +3k +12 +0 +7 +100% placed$")
+        self.assertRegex(out, r"(?m)^\d\d:\d\d:\d\d 200 +\S+s (alice|bob) +sonnet .* side:count$")
+        self.assertNotIn("Starting factory", watcher.output)
+        self.assertNotIn("Stopping factory", watcher.output)
+        self.assertNotIn(" object at 0x", watcher.output)
 
     async def test_port_in_use_is_one_clear_paragraph(self) -> None:
         """

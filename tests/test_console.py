@@ -165,12 +165,16 @@ def finished(
     fresh: int = 120,
     out: int = 1_100,
     usage: bool = True,
+    model: str | None = "claude-sonnet-4-5-20250929",
+    side_kind: str | None = None,
 ) -> dict[str, Any]:
     """
     A request-finished event as the control channel delivers it
     (L{nextclaude.events.Event.to_json} of what proxy.py emits).
     """
     return {
+        "model": model,
+        "side_kind": side_kind,
         "kind": events.REQUEST_FINISHED,
         "time": when,
         "id": 1,
@@ -474,30 +478,39 @@ class ActivityTests(ConsoleHarness):
     def test_request_rows_aligned_80x24(self) -> None:
         """
         Every finished request is one row: time, status, duration, account,
-        hit, miss, ✎, ↓out, hit-rate %, routing reason, each column starting
-        where its title starts.
+        model family, hit, miss, ✎, ↓out, hit-rate %, routing reason, each
+        column starting where its title starts; a side request (here
+        count_tokens and a Haiku title) shows side:KIND where the reason goes,
+        which explains its small figures.
         """
         self.make_app()
-        self.client.emit(finished(NOW - 30))
+        self.client.emit(finished(NOW - 40))
         self.client.emit(
-            finished(NOW - 20, BOB, duration=14.2, reason="moved-after-compaction", read=0, created=52_000, fresh=300, out=900)
+            finished(NOW - 30, BOB, duration=14.2, reason="moved-after-compaction", read=0, created=52_000, fresh=300, out=900, model="claude-opus-4-1")
         )
-        self.client.emit(finished(NOW - 10, None, status=429, duration=0.01, reason="exhausted", usage=False))
+        self.client.emit(finished(NOW - 20, read=0, created=0, fresh=0, out=0, side_kind="count"))
+        self.client.emit(finished(NOW - 15, read=0, created=0, fresh=180, out=12, model="claude-haiku-4-5-20251001", side_kind="title"))
+        self.client.emit(finished(NOW - 10, None, status=429, duration=0.01, reason="exhausted", usage=False, model=None))
         screen = self.screen(SMALL)
         title = self.line_with("reason")
-        self.assertRegex(title, r"^time +st +dur account +hit +miss +✎ +↓out hit% reason")
-        rows = [line for line in screen if line[:8] in {hhmmss(NOW - t) for t in (30, 20, 10)}]
-        self.assertEqual(len(rows), 3)
-        first, second, third = rows
-        self.assertEqual(first[:12], f"{hhmmss(NOW - 30)} 200")
-        self.assertRegex(first, r"200  2\.3s alice@e…le\.com +45k +920 +800 +1\.1k +98% affinity")
-        self.assertRegex(second, r"200   14s bob@exa…le\.com +0 +52\.3k +52k +900 +0% moved:compac")
-        self.assertRegex(third, r"429  0\.0s - +- +- +- +- +- exhausted")
-        for column in ("hit%", "reason"):
+        self.assertRegex(title, r"^time +st +dur account +model +hit +miss +✎ +↓out hit% reason")
+        rows = [line for line in screen if line[:8] in {hhmmss(NOW - t) for t in (40, 30, 20, 15, 10)}]
+        self.assertEqual(len(rows), 5)
+        first, second, count, named, last = rows
+        self.assertEqual(first[:12], f"{hhmmss(NOW - 40)} 200")
+        self.assertRegex(first, r"200  2\.3s alice….com sonnet +45k +920 +800 +1\.1k +98% affinity")
+        self.assertRegex(second, r"200   14s bob@e….com opus +0 +52\.3k +52k +900 +0% moved:com")
+        self.assertRegex(count, r"200  2\.3s alice….com sonnet +0 +0 +0 +0 +-- side:count")
+        self.assertRegex(named, r"200  2\.3s alice….com haiku +0 +180 +0 +12 +0% side:title")
+        self.assertRegex(last, r"429  0\.0s - +- +- +- +- +- +- exhausted")
+        for row in rows:
+            self.assertLessEqual(views.width_of(row.rstrip()), 80)
+        for column in ("model", "hit%", "reason"):
             end = title.index(column) + len(column) if column == "hit%" else title.index(column)
-            for row in (first, second):
+            for row in (first, second, count, named):
                 if column == "hit%":
-                    self.assertEqual(row[end - 1], "%")
+                    # "--" when nothing was read or processed.
+                    self.assertIn(row[end - 1], "%-")
                 else:
                     self.assertNotEqual(row[end], " ")
                     self.assertEqual(row[end - 1], " ")
@@ -505,15 +518,22 @@ class ActivityTests(ConsoleHarness):
     def test_request_rows_160x48(self) -> None:
         """
         A wide terminal adds the ↑in column and the request path, and shows
-        full account names and reasons.
+        full account names, the model family and reasons; a side request's
+        side:KIND tag sits in the reason column.
         """
         self.make_app()
         self.client.emit(finished(NOW - 20, BOB, reason="moved-after-compaction", read=0, created=52_000, fresh=300))
+        self.client.emit(finished(NOW - 10, BOB, read=0, created=0, fresh=9, out=1, model="claude-haiku-4-5", side_kind="quota"))
         title = self.line_with("reason", LARGE)
-        self.assertRegex(title, r"account +↑in +hit +miss +✎ +↓out hit% reason +path")
+        self.assertRegex(title, r"account +model +↑in +hit +miss +✎ +↓out hit% reason +path")
         row = self.line_with(hhmmss(NOW - 20), LARGE)
-        self.assertRegex(row, r"bob@example\.com +300 +0 +52\.3k +52k +1\.1k +0% moved-after-compaction +POST /v1/messages")
+        self.assertRegex(row, r"bob@example\.com +sonnet +300 +0 +52\.3k +52k +1\.1k +0% moved-after-compaction +POST /v1/messages")
         self.assertEqual(row.index("moved"), title.index("reason"))
+        self.assertEqual(row.index("sonnet"), title.index("model"))
+        side = self.line_with(hhmmss(NOW - 10), LARGE)
+        self.assertRegex(side, r"bob@example\.com +haiku +9 +0 +9 +0 +1 +0% side:quota +POST /v1/messages")
+        self.assertEqual(side.index("side:quota"), title.index("reason"))
+        self.assertEqual(side.index("haiku"), title.index("model"))
 
     def test_row_colours(self) -> None:
         """

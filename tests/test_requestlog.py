@@ -129,6 +129,50 @@ class ProxyLogTests(TestCase):
             self.assertNotIn(secret, everything)
 
 
+class ModelAndSideTests(TestCase):
+    async def test_request_line_has_model_and_side(self) -> None:
+        """
+        Each request's line names its model id and, for a side request,
+        what it is: "count" for count_tokens, "quota" for a max_tokens 1
+        check, "title" for a Haiku request without cache_control; null for
+        the conversation's own requests.
+        """
+        usage = {"input_tokens": 3, "output_tokens": 1}
+
+        def handler(seen: Seen) -> bytes:
+            return json_reply(seen.request, 200, {"type": "message", "content": [], "usage": usage})
+
+        log_dir = Path(self.mktemp()).absolute()
+        config_path = write_config(self, listen(self, FakeUpstream(handler)), logDir=str(log_dir))
+        config = load_config(config_path).with_overrides(port=0)
+        service = ProxyService(reactor, config, account_settings=AccountsSettings.quiet(config))
+        service.startService()
+        host, port = service.address()
+        cached = [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]
+        sonnet = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": cached}]}
+        haiku = {"model": "claude-haiku-4-5", "max_tokens": 512, "messages": [{"role": "user", "content": "hi"}]}
+        for path, data in [
+            ("/v1/messages", sonnet),
+            ("/v1/messages/count_tokens", sonnet),
+            ("/v1/messages", {**sonnet, "max_tokens": 1}),
+            ("/v1/messages", haiku),
+        ]:
+            response = await client(self).post(f"http://{host}:{port}{path}", data=json.dumps(data).encode(), headers=auth())
+            await response.content()
+        await service.stopService()
+        [log_file] = log_dir.glob("requests-*.jsonl")
+        entries = [json.loads(line) for line in log_file.read_text().splitlines()]
+        self.assertEqual(
+            [(entry["model"], entry["side"]) for entry in entries],
+            [
+                ("claude-sonnet-4-5", None),
+                ("claude-sonnet-4-5", "count"),
+                ("claude-sonnet-4-5", "quota"),
+                ("claude-haiku-4-5", "title"),
+            ],
+        )
+
+
 class FailingWriter:
     """
     A writer on a full disk: the operations named in C{failing} raise

@@ -402,6 +402,16 @@ class FieldTests(SynchronousTestCase):
         facts = main_request([user(quoted)], ttl=False)
         self.assertEqual((facts.cache_ttl, facts.uses_cache), (TTL_5M, False))
 
+    def test_side_kinds(self) -> None:
+        """
+        The logs' side kind: count_tokens is "count", a max_tokens 1 check
+        "quota", a Haiku title "title"; a main request has none.
+        """
+        self.assertEqual(count_tokens_request().side_kind, "count")
+        self.assertEqual(quota_request().side_kind, "quota")
+        self.assertEqual(title_request().side_kind, "title")
+        self.assertIsNone(main_request().side_kind)
+
     def test_side_requests(self) -> None:
         """max_tokens 1 and count_tokens are side requests; ordinary and title requests are not."""
         self.assertTrue(quota_request().is_side_request)

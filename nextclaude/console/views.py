@@ -18,6 +18,7 @@ from urwid import calc_width
 from nextclaude import events as kinds
 from nextclaude.console import palette as p
 from nextclaude.humanize import duration, tokens
+from nextclaude.pool import model_family
 from nextclaude.problems import ACCOUNT_ERROR as ACCOUNT_ERROR_KIND
 from nextclaude.statusview import primary_text, problem_lines, spill_text
 
@@ -57,6 +58,7 @@ _SHORT_REASONS = {
 
 # The legend (`?`): one sentence for each figure, status, flag and reason.
 LEGEND_FIGURES = [
+    ("model", "the request's model family (opus, sonnet, haiku); side requests say what they are as their reason."),
     ("hit", "tokens read from the prompt cache: cheap, and what a warm account gives."),
     ("miss", "tokens processed afresh (input + cache writes): these burn quota."),
     ("✎", "cache writes, a rebuild of the context; a big ✎ with a low hit % is the expensive event."),
@@ -95,6 +97,11 @@ LEGEND_REASONS = [
     ("exhausted", "every account is out: the client got a 429 with when to retry."),
     ("no-credentials", "no account has a working credential: the client got a 401 naming the fixes."),
 ]
+LEGEND_SIDE = [
+    ("side:count", "a count_tokens request beside the conversation: no tokens billed."),
+    ("side:quota", "Claude Code's quota check (max_tokens 1): a tiny request, one token out."),
+    ("side:title", "a session title asked of Haiku: small, and never cached."),
+]
 
 
 def legend_paragraphs() -> list[Line]:
@@ -108,6 +115,7 @@ def legend_paragraphs() -> list[Line]:
         ("Statuses", LEGEND_STATUSES, p.WARN),
         ("Flags", LEGEND_FLAGS, p.MARKER),
         ("Routing reasons (last column of the log)", LEGEND_REASONS, p.REASON_MOVE),
+        ("Side requests (in place of the reason)", LEGEND_SIDE, p.DIM),
     ]
     for title, entries, attr in sections:
         paragraph: Line = [(p.DIALOG_TITLE, title)]
@@ -699,6 +707,7 @@ class LogColumns:
     TIME = 8
     STATUS = 3
     DURATION = 5
+    MODEL = 6
     TOKENS = 6
     RATE = 4
 
@@ -706,11 +715,12 @@ class LogColumns:
     def for_width(cls, width: int, names: Iterable[str] = ()) -> LogColumns:
         longest = max((width_of(name) for name in names), default=12)
         show_input = width >= 120
-        fixed = cls.TIME + cls.STATUS + cls.DURATION + cls.TOKENS * (5 if show_input else 4) + cls.RATE
-        gaps = 9 + (1 if show_input else 0)
+        fixed = cls.TIME + cls.STATUS + cls.DURATION + cls.MODEL + cls.TOKENS * (5 if show_input else 4) + cls.RATE
+        gaps = 10 + (1 if show_input else 0)
         room = max(16, width - fixed - gaps)
         reason_want = 23 if width >= 120 else 14
-        account = max(6, min(longest, 28, room - min(reason_want, room // 2)))
+        # Never narrower than its title.
+        account = max(7, min(longest, 28, room - min(reason_want, room // 2)))
         reason = max(6, room - account)
         path = 0
         if width >= 140 and reason > reason_want + 12:
@@ -729,6 +739,25 @@ def reason_attr(reason: str | None) -> str:
     return p.REASON_BAD
 
 
+def model_text(model: Any) -> str:
+    """
+    A model id as its short family name ("opus", "sonnet", "haiku"); an
+    unknown model as its id, "-" when there is none.
+    """
+    if not isinstance(model, str) or not model:
+        return "-"
+    return model_family(model) or model.removeprefix("claude-")
+
+
+def side_tag(kind: Any) -> str | None:
+    """
+    The reason column of a side request ("side:count", "side:quota",
+    "side:title"), which explains its small or zero figures; None for a
+    request of the conversation itself.
+    """
+    return f"side:{kind}" if isinstance(kind, str) and kind else None
+
+
 def reason_text(reason: str | None, width: int) -> str:
     text = reason or "-"
     if width_of(text) > width:
@@ -743,6 +772,7 @@ def log_header(columns: LogColumns) -> Line:
         fit("st", c.STATUS),
         fit("dur", c.DURATION, ">"),
         fit("account", c.account),
+        fit("model", c.MODEL),
     ]
     if c.show_input:
         parts.append(fit("↑in", c.TOKENS, ">"))
@@ -771,8 +801,10 @@ def status_attr(status: Any, ok: bool = True) -> str:
 
 def request_row(event: Mapping[str, Any], columns: LogColumns, localtime: LocalTime = time.localtime) -> Line:
     """
-    One finished request: time, status, duration, account, (↑in,) hit, miss,
-    ✎, ↓out, hit-rate %, routing reason (, path) — aligned to C{columns}.
+    One finished request: time, status, duration, account, model family,
+    (↑in,) hit, miss, ✎, ↓out, hit-rate %, routing reason (, path) —
+    aligned to C{columns}.  A side request shows its L{side_tag} where the
+    routing reason goes (it follows its session's account).
     """
     c = columns
     usage = event.get("usage")
@@ -786,6 +818,8 @@ def request_row(event: Mapping[str, Any], columns: LogColumns, localtime: LocalT
         (p.TEXT, fit(request_duration(event.get("duration")), c.DURATION, ">")),
         (None, " "),
         (p.NAME, fit_name(str(event.get("account") or "-"), c.account)),
+        (None, " "),
+        (p.TEXT, fit(model_text(event.get("model")), c.MODEL)),
         (None, " "),
     ]
     if isinstance(usage, Mapping):
@@ -813,7 +847,11 @@ def request_row(event: Mapping[str, Any], columns: LogColumns, localtime: LocalT
         blank = fit("-", c.TOKENS, ">")
         row += [(p.DIM, " ".join([blank] * (5 if c.show_input else 4) + [fit("-", c.RATE, ">")]))]
     reason = event.get("reason")
-    row += [(None, " "), (reason_attr(reason), reason_text(reason, c.reason))]
+    tag = side_tag(event.get("side_kind"))
+    if tag is not None:
+        row += [(None, " "), (p.DIM, fit(tag, c.reason))]
+    else:
+        row += [(None, " "), (reason_attr(reason), reason_text(reason, c.reason))]
     if c.path:
         path = f"{event.get('method') or ''} {event.get('path') or ''}".strip()
         row += [(None, " "), (p.DIM, fit(path, c.path))]
