@@ -241,6 +241,8 @@ class Router:
         self.draining: set[str] = set()
         # The learned costs and the placement decisions of the full policy.
         self.placement = Placement(pool, self.sessions.sessions)
+        # A request was routed since status was last brought up to date.
+        self._status_stale = False
         # Sessions that move to the manual pin on their next request.
         self._to_manual: set[str] = set()
         self._sweeping = False
@@ -401,7 +403,14 @@ class Router:
 
     def route(self, exchange: Exchange) -> Decision:
         now = self._clock()
-        self._refresh(now)
+        if self.policy != FULL:
+            self._refresh(now)
+        else:
+            # Under placement the refresh only updates what status shows
+            # (primary, draining, successor) and the decision below never
+            # reads them: the response refreshes, or else close() does.
+            # Doing it here too doubled its cost on every request.
+            self._status_stale = True
         family = exchange.family
         if exchange.probe_queue is not None:
             return self._next_probe(exchange, now)
@@ -586,6 +595,7 @@ class Router:
         """
         # It runs on every route and response and weighs every live session
         # against the others' reservations: one batch works each out once.
+        self._status_stale = False
         with self.placement.batch():
             self._refresh_placed_now(now)
 
@@ -999,9 +1009,11 @@ class Router:
     def close(self, exchange: Exchange) -> None:
         """
         The request is over, however it ended: release a probe sweep it
-        was running.
+        was running, and bring the status up to date if no response did.
         """
         self._end_sweep(exchange)
+        if self._status_stale:
+            self._refresh(self._clock())
 
     # -- time passing, pins ---------------------------------------------------------
 
