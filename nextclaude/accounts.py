@@ -743,14 +743,21 @@ class AccountsService(Service):
         unsaved = self._unsaved.get(name)
         return unsaved is not None and token in (None, unsaved.previous)
 
-    def _refuse(self, name: str, token: str) -> None:
-        """The file gave ``name`` a spent refresh token and the proxy has no live pair to keep."""
+    def _give_up(self, name: str, token: str) -> Account | None:
+        """
+        Stop refreshing C{name}: C{token} is dead, and nothing is tried
+        again until the file brings another.  Returns the account, if any.
+        """
         refresher = self._refresher(name)
         refresher.dead_token = token
         refresher.retry_pending = False
         self._cancel(refresher.timer)
         refresher.timer = None
-        account = self._pool.get(name)
+        return self._pool.get(name)
+
+    def _refuse(self, name: str, token: str) -> None:
+        """The file gave ``name`` a spent refresh token and the proxy has no live pair to keep."""
+        account = self._give_up(name, token)
         if account is None:
             return
         message = (
@@ -892,12 +899,7 @@ class AccountsService(Service):
         self._arm(name)
 
     def _dead(self, name: str, token: str, error: OAuthError) -> None:
-        refresher = self._refresher(name)
-        refresher.dead_token = token
-        refresher.retry_pending = False
-        self._cancel(refresher.timer)
-        refresher.timer = None
-        account = self._pool.get(name)
+        account = self._give_up(name, token)
         if account is None:
             return
         message = f"the OAuth grant is no longer valid ({error}); {self._login_fix(account)}"

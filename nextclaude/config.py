@@ -310,17 +310,26 @@ def _secret(value: Any) -> str:
     return value
 
 
-def _http_url(value: Any) -> str:
-    # The value is never echoed: a URL can carry user:password@.
+def _split_http_url(value: Any, hidden: str, example: str = "") -> Any:
+    """
+    The parts of an http(s) URL with a host and a valid port, else
+    L{_Invalid}.  The value is never echoed: a URL can carry
+    user:password@ (and a webhook URL is a secret as a whole).
+    """
     if not isinstance(value, str):
         raise _Invalid(f"must be an http:// or https:// URL, not {_describe(value, secret=True)}")
     try:
         parts = urlsplit(value.strip())
         parts.port  # raises ValueError for a malformed port
     except ValueError:
-        raise _Invalid("must be an http:// or https:// URL (this one is malformed)") from None
+        raise _Invalid(f"must be an http:// or https:// URL (this one is malformed{hidden})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _Invalid("must be an http:// or https:// URL with a host, like https://api.anthropic.com")
+        raise _Invalid(f"must be an http:// or https:// URL with a host{example}")
+    return parts
+
+
+def _http_url(value: Any) -> str:
+    parts = _split_http_url(value, "", ", like https://api.anthropic.com")
     if parts.query or parts.fragment:
         raise _Invalid("must be a URL without a ?query or #fragment")
     return value.strip().rstrip("/")
@@ -371,15 +380,7 @@ def _prices(value: Any) -> tuple[tuple[str, float, float], ...]:
 def _webhook_url(value: Any) -> str:
     # Like _http_url, but a query is allowed (some chat webhooks carry
     # their token there); never echoed, the URL is a secret.
-    if not isinstance(value, str):
-        raise _Invalid(f"must be an http:// or https:// URL, not {_describe(value, secret=True)}")
-    try:
-        parts = urlsplit(value.strip())
-        parts.port  # raises ValueError for a malformed port
-    except ValueError:
-        raise _Invalid("must be an http:// or https:// URL (this one is malformed; not shown)") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _Invalid("must be an http:// or https:// URL with a host (not shown)")
+    _split_http_url(value, "; not shown", " (not shown)")
     if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value.strip()):
         raise _Invalid("must be a URL of printable ASCII characters without spaces (not shown)")
     return value.strip()
