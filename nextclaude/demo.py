@@ -135,7 +135,9 @@ class _Printer:
             summary.switches.append((data["previous"], data["account"], data["reason"]))
             self._line(event, f"** session moved {data['previous']} -> {data['account']} ({data['reason']})")
         elif event.kind == events.ARMED:
-            if data.get("successor"):
+            if data.get("status") == "draining":
+                self._line(event, f"** {data['account']} draining: a session will move to {data['successor']} at its cheap moment")
+            elif data.get("successor"):
                 self._line(event, f"** {data['account']} armed: {data['successor']} takes new sessions")
             else:
                 self._line(event, f"** {data['account']} armed, and no other account has room")

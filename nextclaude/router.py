@@ -629,7 +629,8 @@ class Router:
                 continue
             draining.add(account.name)
             if account.name not in self.draining:
-                self._hub.emit(events.ARMED, now, account=account.name, successor=target.name)
+                # Under placement the account is draining, not armed: say so.
+                self._hub.emit(events.ARMED, now, account=account.name, successor=target.name, status="draining")
             successor = successor or target.name
         self.draining = draining
         self.successor = successor

@@ -565,7 +565,8 @@ class ActivityTests(ConsoleHarness):
 
     def test_routing_event_rows(self) -> None:
         """
-        Routing events get their own rows: armed, switched, compaction
+        Routing events get their own rows: armed (draining, under
+        placement, where the event says so), switched, compaction
         detected, probe, pin and unpin, throttled, recovered, exhausted and
         account errors; request started/routed add no row.
         """
@@ -575,6 +576,7 @@ class ActivityTests(ConsoleHarness):
             {"kind": events.REQUEST_STARTED, "time": NOW - 60, "id": 1, "session": session},
             {"kind": events.REQUEST_ROUTED, "time": NOW - 60, "id": 1, "account": ALICE, "reason": "primary"},
             {"kind": events.ARMED, "time": NOW - 50, "account": ALICE, "successor": BOB},
+            {"kind": events.ARMED, "time": NOW - 48, "account": BOB, "successor": CAROL, "status": "draining"},
             {"kind": events.COMPACTION, "time": NOW - 45, "account": ALICE, "session": session},
             {
                 "kind": events.SWITCHED,
@@ -596,6 +598,7 @@ class ActivityTests(ConsoleHarness):
         text = self.text(LARGE)
         for expected in [
             f"{hhmmss(NOW - 50)} ◆ armed {ALICE}, successor {BOB}",
+            f"{hhmmss(NOW - 48)} ◆ draining {BOB} → {CAROL}",
             f"{hhmmss(NOW - 45)} ◇ compaction detected s:0b6e4a52-… on {ALICE}",
             f"{hhmmss(NOW - 40)} ⇄ switched s:0b6e4a52-… {ALICE} → {BOB} (moved-after-compaction)",
             f"{hhmmss(NOW - 35)} ? probe {CAROL}",

@@ -872,6 +872,9 @@ def event_text(event: Mapping[str, Any], now: float) -> tuple[str, str] | None:
     account = event.get("account")
     if kind == kinds.ARMED:
         successor = event.get("successor")
+        if event.get("status") == "draining":
+            # Placement: a session on it will leave at its cheap moment.
+            return p.EVENT, f"◆ draining {account} → {successor or 'no successor'}"
         tail = f", successor {successor}" if successor else ", no successor"
         return p.EVENT, f"◆ armed {account}{tail}"
     if kind == kinds.SWITCHED:
