@@ -105,15 +105,19 @@ def replay(
     upstream: UpstreamSpec = STANDARD_UPSTREAM,
     thresholds: Thresholds = Thresholds(),
     baseline: RunResult | None = None,
+    hub: EventHub | None = None,
     **driver_options: Any,
 ) -> PolicyReport:
     """
     Run the workload through a real L{Router} with C{policy} and price it
-    (C{driver_options} go to L{nextclaude.workload.Driver}).
+    (C{driver_options} go to L{nextclaude.workload.Driver}).  The router
+    emits on C{hub} when given (a caller subscribed to it sees every
+    event, e.g. each session move), else on a private one.
     """
     clock = Clock()
     sim = upstream.build(clock)
-    hub = EventHub()
+    if hub is None:
+        hub = EventHub()
     switches = _SwitchCounter()
     hub.subscribe(switches)
     pool = AccountPool(account_configs(sim, upstream), thresholds)

@@ -360,3 +360,74 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(full.result.turns_done, full.result.turns_planned)
         prefix = Workload(spec).prefix_tokens + Workload(spec).subagent_prefix_tokens
         self.assertLessEqual(full.excess, max(naive.excess, 0) + prefix * accounts)
+
+
+def short_shapes(ttls: tuple[str, ...] = ("5m",), need: float = 1.6):  # type: ignore[no-untyped-def]
+    """
+    Hypothesis strategy: the arguments of a short replay shape, at most 40
+    main turns in all (sessions x turns per session), and its cache TTL.
+    Tasks needing far more than the pool replay slowly (every turn waits
+    out window resets), so C{need} stays near what the pool holds.
+    """
+    return st.integers(1, 4).flatmap(
+        lambda sessions: st.fixed_dictionaries(
+            {
+                "sessions": st.just(sessions),
+                "turns": st.integers(6, 40 // sessions),
+                "seed": st.integers(0, 10_000),
+                "accounts": st.integers(2, 4),
+                "need": st.floats(0.6, need),
+                "tokens_per_turn": st.sampled_from((1_500, 3_000, 6_000)),
+                "ttl": st.sampled_from(ttls),
+            }
+        )
+    )
+
+
+def short_shape(shape: dict) -> tuple[WorkloadSpec, UpstreamSpec]:  # type: ignore[type-arg]
+    arguments = {k: v for k, v in shape.items() if k != "ttl"}
+    spec, upstream = tiny_shape(**arguments)
+    return replace(spec, ttl=shape["ttl"]), upstream
+
+
+class ForwardOnlyPropertyTests(SynchronousTestCase):
+    """Issue 11 item 6, continued: moves are forward only on short replay shapes."""
+
+    @settings(max_examples=10, deadline=None)
+    @given(shape=short_shapes(("5m", "1h")))
+    def test_no_return_within_ttl_unless_nothing_else_serves(self, shape: dict) -> None:  # type: ignore[type-arg]
+        """
+        Under NextClaude, a session that moved off an account does not move
+        back to it within its cache TTL of leaving (a 5-minute or 1-hour
+        TTL), on any short shape, fitting the pool or not; the only
+        exceptions are the moves the router makes only when no other
+        account could serve: C{forward-only-waived}, and C{probe} (a probe
+        sweep starts only when no account can serve the request).
+        """
+        from nextclaude import events
+        from nextclaude.router import FORWARD_ONLY_WAIVED, PROBE
+        from nextclaude.sessions import TTL_1H, TTL_5M
+
+        spec, upstream = short_shape(shape)
+        ttl = TTL_1H if spec.ttl == "1h" else TTL_5M
+        hub = EventHub()
+        moves: list[tuple[float, str, str, str, str]] = []
+
+        def record(event):  # type: ignore[no-untyped-def]
+            if event.kind == events.SWITCHED:
+                data = event.data
+                moves.append((event.time, data["session"], data["previous"], data["account"], data["reason"]))
+
+        hub.subscribe(record)
+        report = replay(FULL, spec, upstream, hub=hub)
+        self.assertEqual(len(moves), report.switches)
+        left: dict[tuple[str, str], float] = {}
+        for time, session, previous, account, reason in moves:
+            since = left.get((session, account))
+            if since is not None and time - since < ttl:
+                self.assertIn(
+                    reason, (FORWARD_ONLY_WAIVED, PROBE),
+                    f"{session} returned to {account} {time - since:.0f}s after leaving it (TTL {ttl:.0f}s),"
+                    f" reason {reason!r}; moves {moves}",
+                )
+            left[(session, previous)] = time
