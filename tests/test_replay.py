@@ -15,12 +15,13 @@ from nextclaude.workload import STANDARD, STANDARD_UPSTREAM, Workload
 
 
 class StandardWorkloadTests(SynchronousTestCase):
-    def test_forecast_meets_the_targets(self) -> None:
+    def test_placement_meets_the_targets(self) -> None:
         """
         On the standard workload the real policy completes every turn with
         no 429 reaching the client, re-bills at most 77k tokens over one
         unlimited account and at most a quarter of the naive baseline's
-        excess, and beats plain arming (the forecast pays for itself).
+        excess, and beats plain arming (placement with reservations pays for
+        itself).
         """
         baseline = Workload(STANDARD).baseline_tokens(STANDARD_UPSTREAM)
         full, arming, naive = (
