@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.task import Clock
 
 from nextclaude.config import AccountConfig
 from nextclaude.events import EventHub
-from nextclaude.pool import AccountPool, Thresholds
+from nextclaude.pool import Account, AccountPool, Thresholds
 from nextclaude.quota import parse_rate_limit_headers
 from nextclaude.router import ARMING, FULL, NAIVE, POLICIES, SEQUENTIAL, Router
-from nextclaude.sessions import inspect_request
+from nextclaude.sessions import RequestFacts, inspect_request
 from nextclaude.simulate import SimAnswer, SimulatedAnthropic
 from nextclaude.usage import Usage
 from nextclaude.workload import (
@@ -99,6 +99,10 @@ def _synthetic_429(retry_after: int | None) -> SimAnswer:
     )
 
 
+# (facts, account, usage, answer, time): one answer relayed to the client.
+Served = Callable[[RequestFacts, Account, "Usage | None", SimAnswer, float], None]
+
+
 def replay(
     policy: str,
     spec: WorkloadSpec = STANDARD,
@@ -106,13 +110,16 @@ def replay(
     thresholds: Thresholds = Thresholds(),
     baseline: RunResult | None = None,
     hub: EventHub | None = None,
+    served: Served | None = None,
     **driver_options: Any,
 ) -> PolicyReport:
     """
     Run the workload through a real L{Router} with C{policy} and price it
     (C{driver_options} go to L{nextclaude.workload.Driver}).  The router
     emits on C{hub} when given (a caller subscribed to it sees every
-    event, e.g. each session move), else on a private one.
+    event, e.g. each session move), else on a private one.  C{served} is
+    called with each answer relayed to the client, as the proxy's
+    request-finished event would describe it.
     """
     clock = Clock()
     sim = upstream.build(clock)
@@ -150,6 +157,8 @@ def replay(
                 if verdict.serve:
                     usage = Usage.from_json(answer.usage) if answer.usage else None
                     router.on_finished(exchange, account, usage, answer.ok)
+                    if served is not None:
+                        served(facts, account, usage, answer, clock.seconds())
                     return answer
                 if verdict.delay:
                     clock.advance(verdict.delay)

@@ -9,19 +9,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nextclaude.events import EventHub
 from nextclaude.history import observed
-from nextclaude.pool import AccountPool, Thresholds
-from nextclaude.quota import parse_rate_limit_headers
-from nextclaude.replay import _synthetic_429, account_configs
-from nextclaude.router import FULL, NAIVE, Router
+from nextclaude.replay import replay
+from nextclaude.router import FULL, NAIVE
 from nextclaude.savings import MoveMeter, NaiveEstimator, Observed, PrefixEstimate, Savings
-from nextclaude.sessions import inspect_request
-from nextclaude.usage import Usage
-from nextclaude.workload import STANDARD, STANDARD_UPSTREAM, UpstreamSpec, Workload, WorkloadSpec, drive
+from nextclaude.workload import STANDARD, STANDARD_UPSTREAM, UpstreamSpec, Workload, WorkloadSpec
 
 
 def request(
@@ -175,68 +169,36 @@ class NaiveEstimatorTests(SynchronousTestCase):
 
 def run(policy: str, spec: WorkloadSpec, upstream: UpstreamSpec) -> tuple[int, int, int]:
     """
-    The workload through the real router and the simulator (as
-    nextclaude.replay does), each served request fed to the savings
-    figures the way the history writer feeds them: from the data of the
+    The workload through the real router and the simulator
+    (nextclaude.replay), each served request fed to the savings figures
+    the way the history writer feeds them: from the data of the
     request-finished event the proxy emits.  Returns (cache creation,
     measured re-billed, naive estimate).
     """
-    clock = Clock()
-    sim = upstream.build(clock)
-    pool = AccountPool(account_configs(sim, upstream), Thresholds())
-    router = Router(pool, clock.seconds, EventHub(), policy=policy)
     savings = Savings()
     totals = [0, 0]
 
-    def send(planned: Any, now: float) -> Any:
-        if now > clock.seconds():
-            clock.advance(now - clock.seconds())
-        router.expire()
-        header = planned.headers.get("x-claude-code-session-id")
-        facts = inspect_request(planned.path, header.encode() if header else None, planned.body)
-        exchange = router.open(facts)
-        try:
-            while True:
-                decision = router.route(exchange)
-                account = decision.account
-                if account is None:
-                    return _synthetic_429(decision.retry_after)
-                answer = sim.answer(
-                    {**planned.headers, **sim.account(account.name).credential_headers()},
-                    planned.data,
-                    clock.seconds(),
-                    path=planned.path,
-                )
-                report = parse_rate_limit_headers(answer.headers, clock.seconds())
-                verdict = router.on_response(exchange, account, answer.status, report)
-                if verdict.serve:
-                    usage = Usage.from_json(answer.usage) if answer.usage else None
-                    router.on_finished(exchange, account, usage, answer.ok)
-                    window = account.windows.get("5h")
-                    data = {
-                        "status": answer.status,
-                        "ok": answer.ok,
-                        "account": account.name,
-                        "usage": usage.to_json() if usage else None,
-                        "session": facts.session_key,
-                        "side": facts.is_side_request,
-                        "compaction": facts.is_compaction,
-                        "continuation": facts.starts_with_continuation,
-                        "ttl": facts.cache_ttl,
-                        "utilization": window.utilization if window else None,
-                        "reset": window.reset if window else None,
-                    }
-                    measured, naive = savings.observe(observed(clock.seconds(), data))
-                    totals[0] += measured.rebilled
-                    totals[1] += naive
-                    return answer
-                if verdict.delay:
-                    clock.advance(verdict.delay)
-        finally:
-            router.close(exchange)
+    def served(facts: Any, account: Any, usage: Any, answer: Any, now: float) -> None:
+        window = account.windows.get("5h")
+        data = {
+            "status": answer.status,
+            "ok": answer.ok,
+            "account": account.name,
+            "usage": usage.to_json() if usage else None,
+            "session": facts.session_key,
+            "side": facts.is_side_request,
+            "compaction": facts.is_compaction,
+            "continuation": facts.starts_with_continuation,
+            "ttl": facts.cache_ttl,
+            "utilization": window.utilization if window else None,
+            "reset": window.reset if window else None,
+        }
+        measured, naive = savings.observe(observed(now, data))
+        totals[0] += measured.rebilled
+        totals[1] += naive
 
-    result = drive(Workload(spec), send)
-    return result.cache_creation_tokens, totals[0], totals[1]
+    report = replay(policy, spec, upstream, served=served)
+    return report.result.cache_creation_tokens, totals[0], totals[1]
 
 
 class AgainstTheSimulatorTests(SynchronousTestCase):
