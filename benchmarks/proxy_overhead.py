@@ -1422,6 +1422,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="run the proxy under cProfile: case 1, or the case --case names"
     )
+    parser.add_argument(
+        "--body-bytes", type=int, metavar="N", help="body size in bytes for cases 1 and 2 (to profile one size)"
+    )
     parser.add_argument("--profile-out", metavar="FILE", help="with --profile, keep the cProfile data here")
     parser.add_argument(
         "--full-simulator", action="store_true", help="do not memoise the simulator's parsing of repeated bodies"
@@ -1470,6 +1473,8 @@ def main(argv: list[str]) -> int:
             changes["requests"] = args.requests
         if args.concurrency and number != 3:
             changes["concurrency"] = args.concurrency
+        if args.body_bytes and number != 3:
+            changes["body_bytes"] = args.body_bytes
         if number == 3:
             changes["concurrency"] = changes["requests"] = args.streams or 500
         if args.pairs:

@@ -376,6 +376,7 @@ def _print_summary(
         f"written {summary.cache_creation:,} tokens",
         file=out,
     )
+    service.router.settle()
     for account in service.pool:
         marker = ">" if account.name == service.router.primary else " "
         print(

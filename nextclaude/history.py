@@ -48,6 +48,11 @@ QUEUE_LIMIT = 10_000
 # Requests per transaction at most: a burst is written in a few commits,
 # and one commit never holds the lock for long.
 BATCH_LIMIT = 500
+# How long the writer gathers requests before it writes them, in seconds: a
+# commit and two wake-ups of the reactor per request cost the proxy more CPU
+# than relaying a small request (benchmarks/proxy_overhead.py).  A flush or
+# a stop writes at once.
+WRITE_DELAY = 1.0
 BUSY_TIMEOUT = 5.0
 # The longest a stop waits for the writer's last batch (a locked database
 # can hold it for the busy timeout); after that the batch is lost, the stop
@@ -552,6 +557,7 @@ class HistoryService(Service):
         stop_timeout: float = STOP_TIMEOUT,
         make_database: Callable[[Path], HistoryDatabase] = HistoryDatabase,
         clock: Any = None,
+        write_delay: float = WRITE_DELAY,
     ) -> None:
         self._reactor = reactor
         # The stop's bound runs on this clock (a test's task.Clock); the
@@ -565,6 +571,7 @@ class HistoryService(Service):
         self._wall_clock = wall_clock
         self._stop_timeout = stop_timeout
         self._make_database = make_database
+        self._write_delay = write_delay
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_limit)
         self._stop_flag = threading.Event()
         self._thread: threading.Thread | None = None
@@ -657,12 +664,7 @@ class HistoryService(Service):
             writer = _WriterState(self, self._make_database(self.path))
             writer.ready()
             while True:
-                batch = [self._queue.get()]
-                while len(batch) < BATCH_LIMIT:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
+                batch = self._gather()
                 records = [item for item in batch if isinstance(item, tuple)]
                 if records:
                     writer.write(records)
@@ -677,6 +679,21 @@ class HistoryService(Service):
         finally:
             # Always, or a stop would wait for its bound every time.
             call(self._writer_ended)
+
+    def _gather(self) -> list[Any]:
+        """
+        The next batch: what arrives within the write delay of its first
+        item, up to BATCH_LIMIT, and at once when a flush or stop comes.
+        """
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self._write_delay
+        while len(batch) < BATCH_LIMIT and isinstance(batch[-1], tuple) and not self._stop_flag.is_set():
+            left = deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     # -- back in the reactor ------------------------------------------------------------------
 

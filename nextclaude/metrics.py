@@ -95,6 +95,7 @@ class ProxyCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         sources = self._sources
         router = sources.router
+        router.settle()
         pool = router.pool
         now = sources.clock()
 

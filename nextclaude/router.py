@@ -225,7 +225,14 @@ class Router:
         probe_interval: float = 15.0,
         policy: str = FULL,
         sessions: SessionTable | None = None,
+        status_interval: float = 0.0,
     ) -> None:
+        """
+        C{status_interval} (seconds): under placement, how long the status
+        (primary, draining, successor) may lag the traffic; 0 brings it up
+        to date after every response.  A lagging status is brought up to
+        date by L{settle}.
+        """
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}")
         self.pool = pool
@@ -243,6 +250,8 @@ class Router:
         self.placement = Placement(pool, self.sessions.sessions)
         # A request was routed since status was last brought up to date.
         self._status_stale = False
+        self.status_interval = status_interval
+        self._refreshed_at = -math.inf
         # Sessions that move to the manual pin on their next request.
         self._to_manual: set[str] = set()
         self._sweeping = False
@@ -593,9 +602,10 @@ class Router:
         would leave at its cheap moment, and the successor is where the
         first of them would go.
         """
-        # It runs on every route and response and weighs every live session
-        # against the others' reservations: one batch works each out once.
+        # It weighs every live session against the others' reservations:
+        # one batch works each out once.
         self._status_stale = False
+        self._refreshed_at = now
         with self.placement.batch():
             self._refresh_placed_now(now)
 
@@ -868,7 +878,7 @@ class Router:
             self._hub.emit(events.EXHAUSTED, now, account=account.name, reset=account.soonest_reset(now))
         if verdict.serve:
             self._served(exchange, account, status, now)
-        self._refresh(now)
+        self._refresh_after_traffic(now)
         return verdict
 
     def _verdict(self, exchange: Exchange, account: Account, status: int, report: QuotaReport, now: float) -> Verdict:
@@ -1014,6 +1024,28 @@ class Router:
         """
         self._end_sweep(exchange)
         if self._status_stale:
+            self._refresh_after_traffic(self._clock())
+
+    def _refresh_after_traffic(self, now: float) -> None:
+        # Under placement the refresh only feeds status, and weighing every
+        # live session on every response was a tenth of the proxy's CPU per
+        # request (benchmarks/proxy_overhead.py): it runs at most once per
+        # status_interval, and settle() catches up.
+        if self.policy == FULL and now - self._refreshed_at < self.status_interval:
+            self._status_stale = True
+            return
+        self._refresh(now)
+
+    def status_due(self) -> float | None:
+        """
+        When a lagging status should be brought up to date (epoch seconds on
+        the router's clock), or None when it is up to date.
+        """
+        return self._refreshed_at + self.status_interval if self._status_stale else None
+
+    def settle(self) -> None:
+        """Bring a lagging status (primary, draining, successor) up to date now."""
+        if self._status_stale:
             self._refresh(self._clock())
 
     # -- time passing, pins ---------------------------------------------------------
@@ -1098,6 +1130,7 @@ class Router:
     # -- persistence -----------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
+        self.settle()
         now = self._clock()
         return {
             "primary": self.primary,

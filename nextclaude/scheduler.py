@@ -55,6 +55,7 @@ class Scheduler(Service):
         self._router = router
         self._refresh = refresh
         self._expiry: IDelayedCall | None = None
+        self._status: IDelayedCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -62,9 +63,10 @@ class Scheduler(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
-        self._expiry = None
+        for call in (self._expiry, self._status):
+            if call is not None and call.active():
+                call.cancel()
+        self._expiry = self._status = None
 
     # -- expiry timers ---------------------------------------------------------
 
@@ -146,3 +148,19 @@ class Scheduler(Service):
                     return Dispatched(decision)
         finally:
             router.close(exchange)
+            self._arm_status()
+
+    def _arm_status(self) -> None:
+        # The router lets status lag the traffic by its status_interval; one
+        # timer catches up once the traffic pauses.
+        due = self._router.status_due()
+        if due is None or not self.running or (self._status is not None and self._status.active()):
+            return
+        self._status = self._reactor.callLater(max(0.0, due - self._reactor.seconds()), self._settle)
+
+    def _settle(self) -> None:
+        self._status = None
+        try:
+            self._router.settle()
+        except Exception:
+            self._log.failure("bringing the routing status up to date failed")

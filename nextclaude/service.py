@@ -36,6 +36,10 @@ from nextclaude.tokenstate import SPENT_KEY
 from nextclaude.upstream import UpstreamService
 
 STATE_SAVE_INTERVAL = 30.0
+# How long the routing status (primary, draining account, where its sessions
+# go) may lag the traffic under placement, in seconds: status requests and
+# the console's snapshots are always brought up to date first.
+STATUS_INTERVAL = 1.0
 # A stop ends at most this long after the longer of proxy.shutdownGrace and
 # the OAuth request timeout, whatever still hangs: a stuck worker must never
 # keep the process alive.  (`nextclaude server` adds a last-resort exit one
@@ -189,6 +193,7 @@ class ProxyService(MultiService):
             retry_after_cap=config.retry_after_cap,
             probe_interval=config.probe_interval,
             policy=policy,
+            status_interval=STATUS_INTERVAL,
         )
         self.started_at = reactor.seconds()
         self._stop_waiters: list[Deferred[None]] = []

@@ -88,6 +88,7 @@ def snapshot(
     problems: list[dict[str, Any]] | None = None,
     history: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    router.settle()
     accounts = [account_snapshot(router, account, now) for account in router.pool]
     totals: dict[str, int] = {}
     for account in accounts:

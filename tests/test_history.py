@@ -264,6 +264,31 @@ class ServiceTests(TestCase):
         self.assertEqual((today["requests"], today["moves"], today["rebilled"]), (4, 1, 23_000))
         await service.stopService()
 
+    async def test_requests_are_written_in_batches(self) -> None:
+        """
+        Requests that finish within the write delay go to the database in
+        one transaction, and a flush writes them at once rather than after
+        the delay (60 s here: the test would time out).
+        """
+        inserts: list[int] = []
+
+        class Counting(HistoryDatabase):
+            def insert(self, rows: Any, state: Any = None) -> None:
+                inserts.append(len(rows))
+                super().insert(rows, state)
+
+        service, hub, _ = self.make(make_database=Counting, write_delay=60.0)
+        for _ in range(3):
+            hub.emit(events.REQUEST_FINISHED, 0.0, **finished())
+        await service.flushed()
+        self.assertEqual(inserts, [3])
+        self.assertEqual(len(rows(service.path)), 3)
+        self.assertEqual(service.snapshot(NOW + 10)["today"]["requests"], 3)
+        # A stop, too, writes what waits without the delay.
+        hub.emit(events.REQUEST_FINISHED, 0.0, **finished())
+        await service.stopService()
+        self.assertEqual(inserts, [3, 1])
+
     async def test_restart_keeps_totals_and_savings_state(self) -> None:
         """
         After a restart the week's totals come back from the database, and

@@ -529,6 +529,48 @@ class PrimaryTests(RouterCase):
         self.assertEqual(outcome.route, [("a", PRIMARY), ("b", QUOTA_429)])
 
 
+class StatusIntervalTests(RouterCase):
+    """
+    Under placement the status (primary, draining, successor) may lag the
+    traffic by the router's status_interval; settle() catches up.
+    """
+
+    def test_status_lags_by_the_interval_and_settle_catches_up(self) -> None:
+        """
+        Within the interval of the last refresh a response leaves the
+        status as it was and says when it is due; settle() brings it up to
+        date, and once the interval has passed a response does so itself.
+        """
+        self.build("a", "b")
+        self.router.status_interval = 60.0
+        self.serve(turn(X))
+        self.assertEqual(self.router.primary, "a")
+        self.assertIsNone(self.router.status_due())
+        self.learn("a", headers(0.981, 0.3))
+        self.serve(turn(X))
+        self.assertEqual(self.router.primary, "a")
+        self.assertEqual(self.router.status_due(), NOW + 60.0)
+        self.router.settle()
+        self.assertEqual(self.router.primary, "b")
+        self.assertIsNone(self.router.status_due())
+
+        self.learn("b", headers(0.981, 0.3))
+        self.learn("a", headers(0.2, 0.3))
+        self.clock.advance(60.0)
+        self.serve(turn(X))
+        self.assertEqual(self.router.primary, "a")
+        self.assertIsNone(self.router.status_due())
+
+    def test_without_an_interval_every_response_refreshes(self) -> None:
+        """The default interval of 0 keeps the status current after every response."""
+        self.build("a", "b")
+        self.serve(turn(X))
+        self.learn("a", headers(0.981, 0.3))
+        self.serve(turn(X))
+        self.assertEqual(self.router.primary, "b")
+        self.assertIsNone(self.router.status_due())
+
+
 # -- 3. arming --------------------------------------------------------------------------
 
 

@@ -408,3 +408,37 @@ class ExpiryTimerTests(SchedulerCase):
         self.clock.advance(600)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [SEVEN_DAY_RESET])
+
+
+class StatusTimerTests(SchedulerCase):
+    """The status timer: a lagging routing status is brought up to date once the traffic pauses."""
+
+    def test_lagging_status_is_settled_when_due(self) -> None:
+        """
+        A response within the router's status interval leaves the status
+        lagging; one timer, at the moment it is due, brings it up to date
+        (the primary moves off an account past the switch threshold).
+        """
+        self.build("a", "b")
+        self.router.status_interval = 1.0
+        self.successResultOf(self.dispatch(Upstream()))
+        self.assertEqual(self.router.primary, "a")
+        self.successResultOf(self.dispatch(Upstream({"a": [response(200, headers(0.981, 0.3))]})))
+        self.successResultOf(self.dispatch(Upstream({"a": [response(200, headers(0.981, 0.3))]})))
+        self.assertEqual(self.router.primary, "a")
+        self.assertEqual(self.router.status_due(), NOW + 1.0)
+        self.assertEqual(sum(1 for call in self.clock.getDelayedCalls() if call.getTime() == NOW + 1.0), 1)
+        self.clock.advance(1.0)
+        self.assertEqual(self.router.primary, "b")
+        self.assertIsNone(self.router.status_due())
+
+    def test_stop_cancels_the_status_timer(self) -> None:
+        """stopService leaves no status timer behind."""
+        self.build("a", "b", start=False)
+        self.scheduler.startService()
+        self.router.status_interval = 1.0
+        self.successResultOf(self.dispatch(Upstream()))
+        self.successResultOf(self.dispatch(Upstream()))
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.scheduler.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
