@@ -28,7 +28,7 @@ import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from nextclaude.pool import Thresholds
 from nextclaude.router import ARMING, FULL, NAIVE, SEQUENTIAL
@@ -209,17 +209,26 @@ def floor(shape: Shape, upstream: UpstreamSpec, ref: Reference, hard: float = Th
     prefix when subagents run, so no policy can do better; and only what
     the single account would have read from its cache is a re-bill: an
     opening while the prefix had gone cold there anyway (every session idle
-    past the TTL, subagents minutes apart) costs nothing extra.
+    past the TTL, subagents minutes apart) costs nothing extra.  A re-bill
+    burns quota on the account opened like any cache creation (at the
+    upstream's creation weight, less the cache-read weight the single
+    account paid for reading it): a task with no room to spare for it
+    opens one account more, whatever the policy.
     """
     sim = upstream.build()
     caps = [(hard * a.five_hour_tokens, hard * a.seven_day_tokens) for a in sim.accounts]
     parts = [(ref.prefix_tokens, ref.prefix_reads)]
     if shape.spec.subagents:
         parts.append((ref.subagent_prefix_tokens, ref.subagent_prefix_reads))
+    weight = upstream.creation_weight - upstream.cache_read_weight
+
+    def re_bill(at: float) -> int:
+        return sum(tokens * _warm_after(reads, at) for tokens, reads in parts)
+
     best: float | None = None
     for order in itertools.permutations(range(len(caps))):
-        times = _openings(ref.burns, caps, order)[1:]
-        cost = sum(tokens * _warm_after(reads, at) for at in times for tokens, reads in parts)
+        times = _openings(ref.burns, caps, order, lambda at: weight * re_bill(at))[1:]
+        cost = sum(re_bill(at) for at in times)
         best = cost if best is None else min(best, cost)
     return int(best or 0)
 
@@ -230,8 +239,17 @@ def _warm_after(reads: Sequence[tuple[float, bool]], at: float) -> bool:
     return reads[index][1] if index < len(reads) else False
 
 
-def _openings(burns: Iterable[tuple[float, float]], caps: Sequence[tuple[float, float]], order: Sequence[int]) -> list[float]:
-    """When each account is opened (the first at the first burn), using them in C{order}, each while below its caps."""
+def _openings(
+    burns: Iterable[tuple[float, float]],
+    caps: Sequence[tuple[float, float]],
+    order: Sequence[int],
+    opening_burn: Callable[[float], float] = lambda at: 0.0,
+) -> list[float]:
+    """
+    When each account is opened (the first at the first burn), using them
+    in C{order}, each while below its caps; an account opened after the
+    first also burns C{opening_burn(time)} (its re-bill) as it opens.
+    """
     n = len(caps)
     used = [[0.0, 0.0] for _ in range(n)]
     starts: list[list[float | None]] = [[None, None] for _ in range(n)]
@@ -256,6 +274,11 @@ def _openings(burns: Iterable[tuple[float, float]], caps: Sequence[tuple[float, 
                 continue
             current = chosen
             openings.append(now)
+            if len(openings) > 1:
+                for w in (0, 1):
+                    if starts[current][w] is None:
+                        starts[current][w] = now
+                    used[current][w] += opening_burn(now)
         for w in (0, 1):
             if starts[current][w] is None:
                 starts[current][w] = now

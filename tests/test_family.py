@@ -39,11 +39,29 @@ class FloorTests(SynchronousTestCase):
         Each account opened after the first costs the shared prefix, and
         the subagents' prefix when the shape has subagents.
         """
-        upstream = UpstreamSpec(accounts=3, five_hour_tokens=1_000)
-        burns = [(float(t), 400.0) for t in range(6)]
-        self.assertEqual(_openings(burns, [(995.0, 9_950.0)] * 3, (0, 1, 2)), [0.0, 3.0])
+        upstream = UpstreamSpec(accounts=3, five_hour_tokens=100_000)
+        burns = [(float(t), 40_000.0) for t in range(5)]
+        self.assertEqual(_openings(burns, [(99_500.0, 995_000.0)] * 3, (0, 1, 2)), [0.0, 3.0])
         self.assertEqual(floor(shape(), upstream, reference(burns)), PREFIX + SUBAGENT)
         self.assertEqual(floor(shape(subagents=False), upstream, reference(burns)), PREFIX)
+
+    def test_the_re_bill_burns_quota_on_the_account_opened(self) -> None:
+        """
+        The prefixes re-billed on an account opened burn its quota like any
+        cache creation: a task that fills two accounts but for that opens
+        a third, and the floor counts both re-bills.
+        """
+        upstream = UpstreamSpec(accounts=3, five_hour_tokens=100_000)
+        burns = [(float(t), 30_000.0) for t in range(8)]
+        # Without the re-bill: 4 bursts per account, the second account holds the rest.
+        self.assertEqual(_openings(burns, [(99_500.0, 995_000.0)] * 3, (0, 1, 2)), [0.0, 4.0])
+        self.assertEqual(
+            _openings(burns, [(99_500.0, 995_000.0)] * 3, (0, 1, 2), lambda at: PREFIX + SUBAGENT), [0.0, 4.0, 7.0]
+        )
+        self.assertEqual(floor(shape(), upstream, reference(burns)), 2 * (PREFIX + SUBAGENT))
+        # Where creation weighs no more than a cache read, the re-bill burns nothing.
+        free = UpstreamSpec(accounts=3, five_hour_tokens=100_000, cache_read_weight=1.0)
+        self.assertEqual(floor(shape(), free, reference(burns)), PREFIX + SUBAGENT)
 
     def test_re_entry_after_a_reset_is_an_opening(self) -> None:
         """Coming back to an account after its 5-hour window reset opens it again."""
@@ -63,8 +81,8 @@ class FloorTests(SynchronousTestCase):
         An opening while the single account's prefix had gone cold anyway
         (the next request there re-created it too) costs nothing extra.
         """
-        upstream = UpstreamSpec(accounts=3, five_hour_tokens=1_000)
-        burns = [(float(t), 400.0) for t in range(6)]
+        upstream = UpstreamSpec(accounts=3, five_hour_tokens=100_000)
+        burns = [(float(t), 40_000.0) for t in range(5)]
         self.assertEqual(floor(shape(), upstream, reference(burns, subagent_warm=False)), PREFIX)
         self.assertEqual(floor(shape(), upstream, reference(burns, warm=False, subagent_warm=False)), 0)
 
