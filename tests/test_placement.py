@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import replace
 
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -333,6 +333,9 @@ class PropertyTests(SynchronousTestCase):
     """Issue 11 item 6, on tiny replay shapes (at most 40 turns in all)."""
 
     @settings(max_examples=6, deadline=None, derandomize=os.environ.get("CI") == "true")
+    # Found by a search: two small accounts that hold no whole cycle; staying
+    # put at a compaction met the ceiling at full context on both.
+    @example(sessions=3, turns=16, seed=3595, accounts=2, need=1.705924210592074, tokens_per_turn=6_000)
     @given(
         sessions=st.integers(1, 3),
         turns=st.integers(8, 30),
