@@ -644,10 +644,11 @@ class Placement:
         does; else (none holds it) the one with room for a good deal more
         of it (L{roomier}); else stay.  After idling past its TTL its own cache is cold
         everywhere and the account it is on has no claim on it: the best
-        account that holds its cycle (warm with the prefix first), else stay.
+        account that holds its cycle (warm with the prefix first), else the
+        roomier one, else stay.
         """
         if idle:
-            return self.best(session, now, family, exclude) or current
+            return self.best(session, now, family, exclude) or self.roomier(session, current, now, family, exclude) or current
         if self.fits(current, session, now):
             return current
         fitting = self.best(session, now, family, exclude)
