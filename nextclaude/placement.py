@@ -86,8 +86,8 @@ MIN_REMAINING = 0.1
 # done less than this share of the cycle: its context is little more than
 # the shared prefix.
 TINY = 0.1
-# Spreading a tiny session when no account holds its whole cycle: only to an
-# account with room for this much more of its cycle than it has where it is.
+# At a cheap moment where no account holds a session's whole cycle it moves
+# only to an account with room for this much more of the cycle than here.
 SPREAD_GAIN = 0.25
 
 # A cost: (uncached tokens, cache reads).  Uncached is input + cache
@@ -642,19 +642,18 @@ class Placement:
         """
         Keep it where it is if that holds its next cycle; else the best that
         does; else (none holds it) the one with room for a good deal more
-        of it (L{roomier}); else stay.  After idling past its TTL its own cache is cold
-        everywhere and the account it is on has no claim on it: the best
-        account that holds its cycle (warm with the prefix first), else the
-        roomier one, else stay.
+        of it (L{roomier}); else stay.  After idling past its TTL its own
+        cache is cold everywhere and the account it is on has no claim on
+        it: the best account that holds its cycle (warm with the prefix
+        first), else the roomier one, else stay.
         """
-        if idle:
-            return self.best(session, now, family, exclude) or self.roomier(session, current, now, family, exclude) or current
-        if self.fits(current, session, now):
+        if not idle and self.fits(current, session, now):
             return current
-        fitting = self.best(session, now, family, exclude)
-        if fitting is not None:
-            return fitting
-        return self.roomier(session, current, now, family, exclude) or current
+        return (
+            self.best(session, now, family, exclude)
+            or self.roomier(session, current, now, family, exclude)
+            or current
+        )
 
     def roomier(
         self,
@@ -663,18 +662,16 @@ class Placement:
         now: float,
         family: str | None,
         exclude: Callable[[Account], bool],
-        reserved_here: Cost | None = None,
     ) -> Account | None:
         """
         When no account holds the session's whole next cycle (small
         accounts, or a long cycle): the one with room for the most of it,
         when that is SPREAD_GAIN of a cycle more than it has here
-        (C{reserved_here}: what counts against it here, by default the
-        others' reservations).  Moving while it is cheap beats meeting the
-        ceiling here at full context; subscription accounts of the same or
-        a better priority only.
+        (the others' reservations count against both).  Moving while it is
+        cheap beats meeting the ceiling here at full context; subscription
+        accounts of the same or a better priority only.
         """
-        here = self.room_share(current, now, session, reserved=reserved_here)
+        here = self.room_share(current, now, session)
         roomier = [
             (share, a)
             for a in self._candidates(now, family, lambda a: exclude(a) or a.name == current.name)
