@@ -12,7 +12,8 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -155,8 +156,16 @@ class _Endpoints:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._cache.get(key)
         if endpoint is None:
-            host = uri.host.decode("idna")
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
+            host = uri.host.decode("idna").strip("[]")
+            if isIPAddress(host):
+                # An address needs no name resolution: HostnameEndpoint
+                # would still send each new connection through getaddrinfo
+                # in a thread, and build its racing machinery around it.
+                endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
+            elif isIPv6Address(host):
+                endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
+            else:
+                endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
             if uri.scheme == b"https":
                 endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
             self._cache[key] = endpoint

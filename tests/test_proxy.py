@@ -12,7 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed
 from twisted.web.server import NOT_DONE_YET
 
@@ -559,3 +560,35 @@ class EncodingTests(TestCase):
         self.assertIsNone(response.headers.getRawHeaders(b"content-encoding"))
         self.assertEqual(json.loads(body), payload)
         self.assertIn(b"gzip", b",".join(upstream.seen[0].headers[b"accept-encoding"]))
+
+
+class EndpointTests(SynchronousTestCase):
+    """The upstream's endpoint: made once per scheme, host and port; no name resolution for an address."""
+
+    def endpoint(self, url: bytes) -> object:
+        from twisted.web.client import URI
+
+        from nextclaude.upstream import _Endpoints
+
+        endpoints = _Endpoints(MemoryReactorClock())
+        endpoint = endpoints.endpointForURI(URI.fromBytes(url))
+        self.assertIs(endpoints.endpointForURI(URI.fromBytes(url)), endpoint)
+        return endpoint
+
+    def test_addresses_connect_without_resolution(self) -> None:
+        """
+        An IPv4 or IPv6 address gets a plain TCP endpoint (HostnameEndpoint
+        would run getaddrinfo in a thread for every new connection); a
+        name gets HostnameEndpoint; https wraps either in TLS.
+        """
+        from twisted.internet.endpoints import (
+            HostnameEndpoint,
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+            _WrapperEndpoint,
+        )
+
+        self.assertIsInstance(self.endpoint(b"http://127.0.0.1:8080/v1/messages"), TCP4ClientEndpoint)
+        self.assertIsInstance(self.endpoint(b"http://[::1]:8080/v1/messages"), TCP6ClientEndpoint)
+        self.assertIsInstance(self.endpoint(b"http://localhost:8080/v1/messages"), HostnameEndpoint)
+        self.assertIsInstance(self.endpoint(b"https://api.anthropic.com/v1/messages"), _WrapperEndpoint)
