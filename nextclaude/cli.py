@@ -5,6 +5,7 @@ The `nextclaude` command.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -567,17 +568,37 @@ def _status(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from pathlib import Path
+
     from nextclaude import paths
-    from nextclaude.control import ControlError, read_snapshot
+    from nextclaude.control import ControlError, NotRunning, read_snapshot
     from nextclaude.statusview import render_status
 
+    config_path = _existing_config_file(args)
     try:
-        snapshot = read_snapshot(paths.socket_path(_existing_config_file(args)))
+        snapshot = read_snapshot(paths.socket_path(config_path))
     except (ControlError, paths.FileProblem) as error:
         print(f"nextclaude: {error}", file=sys.stderr)
+        if isinstance(error, NotRunning):
+            _check_config(config_path)
         return 1
+    served = snapshot.get("config")
+    if isinstance(served, str) and Path(served).absolute() != Path(config_path).absolute():
+        # One proxy per config directory: a sibling file's status is that proxy's.
+        print(f"nextclaude: note: the proxy running here serves {served}, not {config_path}", file=sys.stderr)
     print(json.dumps(snapshot, indent=2) if args.json else render_status(snapshot, time.time()))
     return 0
+
+
+def _check_config(path: "Any") -> None:
+    """Say what is wrong with a config file no proxy runs on, if anything."""
+    from nextclaude.config import load_config
+    from nextclaude.paths import FileProblem
+
+    try:
+        load_config(path, create=False)
+    except FileProblem as error:
+        print(f"nextclaude: the config itself is broken: {error}", file=sys.stderr)
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -840,6 +861,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except BrokenPipeError:
+        # The reader went away (`nextclaude status | head`): nothing more to
+        # say, and Python must not fail again flushing stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         # Ctrl-C at a prompt: one line, the shell's usual status for it.
         if sys.stderr.isatty():

@@ -450,6 +450,9 @@ class ProxyService(MultiService):
         # The webhook as scheme and host only, and its delivery counts;
         # null without one.
         result["notify"] = self.notifier.snapshot()
+        # The config file this proxy serves: the control socket belongs to
+        # its directory, so `status --config` with a sibling file reaches it.
+        result["config"] = str(self.config.path)
         return result
 
     def _secrets(self) -> list[str | None]:

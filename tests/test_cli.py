@@ -19,7 +19,7 @@ from twisted.web.server import Site
 from twisted.web.resource import Resource
 
 from nextclaude.cli import main
-from tests.support import FakeUpstream, PROXY_KEY, auth, client, json_reply, listen, spawn_nextclaude, write_config
+from tests.support import REPO_ROOT, FakeUpstream, PROXY_KEY, auth, client, json_reply, listen, spawn_nextclaude, write_config
 
 
 class ArgumentTests(SynchronousTestCase):
@@ -79,6 +79,67 @@ class ArgumentTests(SynchronousTestCase):
         code, err = self.run_main("--config", str(config), "status")
         self.assertEqual(code, 1)
         self.assertIn("nextclaude server", err)
+
+    def test_status_without_a_proxy_on_a_broken_config(self) -> None:
+        """
+        `status` for a config no proxy serves and that is broken says both:
+        that no proxy runs, and what is wrong with the file.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        config = directory / "config.json"
+        config.write_bytes(b'{"accounts": [')
+        code, err = self.run_main("--config", str(config), "status")
+        self.assertEqual(code, 1)
+        self.assertNotIn("Traceback", err)
+        first, second = err.strip().splitlines()
+        self.assertIn("nextclaude server", first)
+        self.assertIn("the config itself is broken", second)
+        self.assertIn("invalid JSON at line 1", second)
+
+    def test_status_says_when_the_proxy_serves_a_sibling_config(self) -> None:
+        """
+        The control socket belongs to the config's directory: `status` with
+        another file of that directory shows the running proxy's status and
+        says which file it serves.
+        """
+        from nextclaude import control
+
+        config = write_config(self, 9)
+        sibling = config.parent / "other.json"
+        sibling.write_text("{}")
+        self.patch(control, "read_snapshot", lambda path: {"config": str(config), "primary": None})
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        code, err = self.run_main("--config", str(sibling), "status", "--json")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out.getvalue())["config"], str(config))
+        self.assertIn(f"the proxy running here serves {config}, not {sibling}", err)
+        code, err = self.run_main("--config", str(config), "status", "--json")
+        self.assertEqual((code, err), (0, ""))
+
+    def test_output_to_a_closed_pipe(self) -> None:
+        """
+        A command whose reader has gone (`nextclaude accounts | true`) exits
+        with status 1 and no traceback.
+        """
+        import subprocess
+
+        config = write_config(self, 9)
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            finished = subprocess.run(
+                [sys.executable, "-m", "nextclaude", "--config", str(config), "accounts"],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                timeout=60,
+                env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            )
+        finally:
+            os.close(write_end)
+        self.assertEqual(finished.returncode, 1)
+        self.assertEqual(finished.stderr, b"")
 
     def test_command_is_required_after_global_options(self) -> None:
         """
