@@ -228,11 +228,33 @@ class DecisionTests(SynchronousTestCase):
         self.assertFalse(self.placement.fits(a, moving, NOW))
 
     def test_stays_when_nothing_holds_it(self) -> None:
-        """If no account holds the next cycle, the session stays and uses the quota where it is."""
+        """
+        If no account holds the next cycle and none has much more room for
+        it, the session stays and uses the quota where it is.
+        """
         a = self.account("a", 0.9)
         self.account("b", 0.9)
         self.account("c", 0.9)
         moving = self.session("s:x", "a")
+        self.assertIs(self.placement.at_cheap_moment(moving, a, NOW, None, lambda acc: False), a)
+
+    def test_none_holds_it_goes_where_a_good_deal_more_fits(self) -> None:
+        """
+        If no account holds the next cycle (0.2 of a window here), the
+        session moves at its cheap moment, compaction or return from idle,
+        to the account with room for at least a quarter cycle more than
+        where it is; less gain than that, and it stays.
+        """
+        a = self.account("a", 0.85)  # room for 0.72 of the cycle
+        b = self.account("b", 0.78)  # 1.07: short of the 1.1 x cycle + slack that "holds" asks
+        self.account("c", 0.9)
+        moving = self.session("s:x", "a")
+        self.assertFalse(self.placement.fits(b, moving, NOW))
+        for idle in (False, True):
+            self.assertIs(self.placement.at_cheap_moment(moving, a, NOW, None, lambda acc: False, idle=idle), b)
+        # Never back to an account it left within its TTL.
+        self.assertIs(self.placement.at_cheap_moment(moving, a, NOW, None, lambda acc: acc.name == "b"), a)
+        self.account("b", 0.82)  # 0.87 of the cycle: less than a quarter more
         self.assertIs(self.placement.at_cheap_moment(moving, a, NOW, None, lambda acc: False), a)
 
     def test_ceiling_prefers_a_full_cycle_else_most_room(self) -> None:
