@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from nextclaude import __version__
 
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
     from nextclaude.config import AccountConfig, Config
@@ -583,20 +584,27 @@ def _status(args: argparse.Namespace) -> int:
             _check_config(config_path)
         return 1
     served = snapshot.get("config")
-    if isinstance(served, str) and Path(served).absolute() != Path(config_path).absolute():
+    if isinstance(served, str) and not _same_file(Path(served), config_path):
         # One proxy per config directory: a sibling file's status is that proxy's.
         print(f"nextclaude: note: the proxy running here serves {served}, not {config_path}", file=sys.stderr)
     print(json.dumps(snapshot, indent=2) if args.json else render_status(snapshot, time.time()))
     return 0
 
 
-def _check_config(path: "Any") -> None:
-    """Say what is wrong with a config file no proxy runs on, if anything."""
-    from nextclaude.config import load_config
+def _same_file(one: "Path", other: "Path") -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return one.resolve() == other.resolve()
+
+
+def _check_config(path: "Path") -> None:
+    """Say what is wrong with a config file no proxy runs on, if anything (never writes it)."""
+    from nextclaude.config import read_config
     from nextclaude.paths import FileProblem
 
     try:
-        load_config(path, create=False)
+        read_config(path)
     except FileProblem as error:
         print(f"nextclaude: the config itself is broken: {error}", file=sys.stderr)
 
@@ -864,8 +872,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`nextclaude status | head`): nothing more to
         # say, and Python must not fail again flushing stdout at exit.
+        try:
+            descriptor = sys.stdout.fileno()
+        except (AttributeError, ValueError, OSError):
+            return 1
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, descriptor)
+        os.close(devnull)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C at a prompt: one line, the shell's usual status for it.

@@ -687,8 +687,9 @@ class HistoryService(Service):
         """
         batch = [self._queue.get()]
         deadline = time.monotonic() + self._write_delay
-        while len(batch) < BATCH_LIMIT and isinstance(batch[-1], tuple) and not self._stop_flag.is_set():
-            left = deadline - time.monotonic()
+        while len(batch) < BATCH_LIMIT and isinstance(batch[-1], tuple):
+            # Stopping: what is queued goes in full batches, without waiting.
+            left = 0.0 if self._stop_flag.is_set() else deadline - time.monotonic()
             try:
                 batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
             except queue.Empty:

@@ -416,9 +416,10 @@ class Router:
             self._refresh(now)
         else:
             # Under placement the refresh only updates what status shows
-            # (primary, draining, successor) and the decision below never
-            # reads them: the response refreshes, or else close() does.
-            # Doing it here too doubled its cost on every request.
+            # (primary, draining, successor); the decision below reads only
+            # the primary, for a request with no session, and checks that
+            # it can serve.  The response or close() refreshes, at most once
+            # per status_interval; doing it here too doubled its cost.
             self._status_stale = True
         family = exchange.family
         if exchange.probe_queue is not None:
@@ -634,7 +635,9 @@ class Router:
                 continue
             if placement.fits(account, session, now):
                 continue
-            target = placement.best(session, now, ACCOUNT_WIDE, lambda a, name=account.name: a.name == name)
+            target = placement.best(
+                session, now, ACCOUNT_WIDE, lambda a, name=account.name: a.name == name
+            ) or placement.roomier(session, account, now, ACCOUNT_WIDE, lambda a: False)
             if target is None:
                 continue
             draining.add(account.name)
@@ -1020,7 +1023,8 @@ class Router:
     def close(self, exchange: Exchange) -> None:
         """
         The request is over, however it ended: release a probe sweep it
-        was running, and bring the status up to date if no response did.
+        was running, and bring the status up to date if no response did
+        (at most once per status_interval, as after a response).
         """
         self._end_sweep(exchange)
         if self._status_stale:
@@ -1130,7 +1134,8 @@ class Router:
     # -- persistence -----------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
-        self.settle()
+        # Primary, draining and successor may lag by status_interval here:
+        # restore() works them out afresh anyway.
         now = self._clock()
         return {
             "primary": self.primary,

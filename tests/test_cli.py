@@ -92,6 +92,7 @@ class ArgumentTests(SynchronousTestCase):
         code, err = self.run_main("--config", str(config), "status")
         self.assertEqual(code, 1)
         self.assertNotIn("Traceback", err)
+        self.assertEqual(config.read_bytes(), b'{"accounts": [')
         first, second = err.strip().splitlines()
         self.assertIn("nextclaude server", first)
         self.assertIn("the config itself is broken", second)
@@ -117,6 +118,38 @@ class ArgumentTests(SynchronousTestCase):
         self.assertIn(f"the proxy running here serves {config}, not {sibling}", err)
         code, err = self.run_main("--config", str(config), "status", "--json")
         self.assertEqual((code, err), (0, ""))
+
+    def test_status_without_a_proxy_never_writes_the_config(self) -> None:
+        """
+        `status` looks at a valid config no proxy serves without writing it:
+        no client key is added and no lock file is left.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        config = directory / "config.json"
+        config.write_bytes(b'{"accounts": []}')
+        code, err = self.run_main("--config", str(config), "status")
+        self.assertEqual(code, 1)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertEqual(config.read_bytes(), b'{"accounts": []}')
+        self.assertEqual(sorted(p.name for p in directory.iterdir()), ["config.json"])
+
+    def test_broken_pipe_without_a_descriptor(self) -> None:
+        """
+        A broken pipe while stdout is no file (a test's StringIO) still
+        ends with status 1 and no traceback.
+        """
+        from types import SimpleNamespace
+
+        import nextclaude.cli as cli
+
+        def broken(args: object) -> int:
+            raise BrokenPipeError()
+
+        self.patch(cli, "parse_arguments", lambda parser, argv: SimpleNamespace(handler=broken))
+        self.patch(sys, "stdout", io.StringIO())
+        code, err = self.run_main("status")
+        self.assertEqual((code, err), (1, ""))
 
     def test_output_to_a_closed_pipe(self) -> None:
         """

@@ -289,6 +289,20 @@ class ServiceTests(TestCase):
         await service.stopService()
         self.assertEqual(inserts, [3, 1])
 
+    def test_a_stop_writes_the_backlog_in_full_batches(self) -> None:
+        """
+        Once stopping, what is queued is taken without waiting and still in
+        batches of up to BATCH_LIMIT, not one commit per request.
+        """
+        from nextclaude.history import BATCH_LIMIT
+
+        service = HistoryService(reactor, Path(self.mktemp()) / "history.sqlite3", EventHub(), write_delay=60.0)
+        for index in range(BATCH_LIMIT + 20):
+            service._queue.put_nowait((NOW + index, {}))
+        service._stop_flag.set()
+        sizes = [len(service._gather()), len(service._gather())]
+        self.assertEqual(sizes, [BATCH_LIMIT, 20])
+
     async def test_restart_keeps_totals_and_savings_state(self) -> None:
         """
         After a restart the week's totals come back from the database, and
