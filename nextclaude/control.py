@@ -1003,7 +1003,12 @@ def stop_proxy(
                 answer = Stop.parseResponse(box, None)
             except Exception:
                 raise BadAnswer(path) from None
-            on_answer(answer)
+            try:
+                on_answer(answer)
+            except BrokenPipeError:
+                # Nobody reads the command's output (`nextclaude stop | true`):
+                # the stop goes on all the same, and is waited for.
+                pass
             waited = float(answer["bound"]) + margin
             deadline = time.monotonic() + waited
             while True:

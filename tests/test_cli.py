@@ -650,6 +650,35 @@ class StopCommandTests(TestCase):
         await collector.done
         self.assertIn(b"message_stop", collector.body)
 
+    async def test_stop_with_its_output_closed(self) -> None:
+        """
+        `nextclaude stop | true`: with nobody reading its output the stop
+        still goes through and is waited for; the command ends without a
+        traceback (status 1, having said nothing).
+        """
+        from tests.support import ProcessWatcher, start_proxy
+
+        config = write_config(self, 9)
+        service, _ = start_proxy(self, config)
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        watcher = ProcessWatcher()
+        cwd = Path(self.mktemp())
+        cwd.mkdir()
+        reactor.spawnProcess(
+            watcher,
+            sys.executable,
+            [sys.executable, "-m", "nextclaude", "--config", str(config), "stop"],
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            path=str(cwd),
+            childFDs={0: "w", 1: write_end, 2: "r"},
+        )
+        os.close(write_end)
+        reason = await watcher.ended
+        self.assertEqual(reason.exitCode, 1, watcher.output)
+        self.assertEqual(watcher.err, b"")
+        self.assertIsNone(service.listener.port)
+
     async def test_stop_ends_a_server_process(self) -> None:
         """
         `stop` ends a `nextclaude server` process: the server exits 0 after
