@@ -423,9 +423,12 @@ def take_body(request: Request) -> bytes:
 
 def request_facts(request: Request, body: bytes, router: Router) -> RequestFacts:
     session = request.requestHeaders.getRawHeaders(b"x-claude-code-session-id")
+    agent = request.requestHeaders.getRawHeaders(b"x-claude-code-agent-id")
     # Only a POST to the Messages API belongs to a conversation.
     path = request.path if request.method == b"POST" else b""
-    return inspect_request(path, session[-1] if session else None, body, router.landing_pending)
+    return inspect_request(
+        path, session[-1] if session else None, body, router.landing_pending, agent[-1] if agent else None
+    )
 
 
 def upstream_headers(client: Headers, account: Account) -> Headers:

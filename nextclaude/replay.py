@@ -136,8 +136,12 @@ def replay(
         # What the scheduler's expiry timers would have done meanwhile.
         router.expire()
         session_header = request.headers.get("x-claude-code-session-id")
+        agent_header = request.headers.get("x-claude-code-agent-id")
         facts = inspect_request(
-            request.path, session_header.encode() if session_header else None, request.body
+            request.path,
+            session_header.encode() if session_header else None,
+            request.body,
+            agent_header=agent_header.encode() if agent_header else None,
         )
         exchange = router.open(facts)
         try:

@@ -256,6 +256,8 @@ class Router:
         self._to_manual: set[str] = set()
         self._sweeping = False
         self._last_sweep: float | None = None
+        # Where the last subagent request was served, and when (epoch s).
+        self._subagents: tuple[str, float] | None = None
         # Primaries that armed with no successor, announced once.
         self._armed_alone: set[str] = set()
         # Set by the accounts layer: OAuth accounts get one forced refresh
@@ -437,6 +439,10 @@ class Router:
             return self._route_naive(exchange, now, family)
         if self.policy == SEQUENTIAL:
             return self._route_sequential(exchange, now, family)
+        if self.policy == FULL and exchange.facts.agent_id is not None and not exchange.tried:
+            home = self._subagent_home(exchange, now, family)
+            if home is not None:
+                return Decision(home, AFFINITY)
         if self.policy == FULL and exchange.session is not None:
             return self._route_placed(exchange, exchange.session, now, family)
         session = exchange.session
@@ -451,6 +457,25 @@ class Router:
         if account is None:
             return self._all_exhausted(exchange, now)
         return self._decide(exchange, account, reason, now)
+
+    def _subagent_home(self, exchange: Exchange, now: float, family: str | None) -> Account | None:
+        """
+        Where a subagent's request goes while the subagents' prefix is warm:
+        the account that served the last subagent request, of any session,
+        within the request's cache TTL, if it can serve.  Claude Code's
+        subagents share one system prompt and tool set across sessions, so
+        keeping them on one account keeps that prefix cached when the
+        sessions themselves are spread over several (issue 11); the session
+        stays where it is.  None under a manual pin, which every request
+        follows.
+        """
+        if self._subagents is None or self.manual is not None:
+            return None
+        name, at = self._subagents
+        account = self.pool.get(name)
+        if now - at >= exchange.facts.cache_ttl or not self._usable(account, now, family, exchange.tried):
+            return None
+        return account
 
     def _decide(
         self, exchange: Exchange, account: Account, reason: str, now: float, probe: bool = False
@@ -921,6 +946,8 @@ class Router:
         if status >= 400:
             # Not served there, only relayed: the session stays put.
             return
+        if exchange.facts.agent_id is not None:
+            self._subagents = (account.name, now)
         if pending is not None and pending[0] == account.name and exchange.session is not None:
             self._move_session(exchange.session, account.name, pending[1], now)
         if exchange.forbidden_by is not None:

@@ -126,6 +126,9 @@ class RequestFacts:
     is_side_request: bool
     uses_cache: bool = True
     side_kind: str | None = None
+    # Claude Code's x-claude-code-agent-id: set on a subagent's requests
+    # (beside the session's id), never on the main thread's.
+    agent_id: str | None = None
 
 
 _UNPARSED: Any = object()
@@ -281,6 +284,7 @@ def inspect_request(
     session_header: bytes | None,
     body: bytes,
     landing_pending: Callable[[str], bool] | None = None,
+    agent_header: bytes | None = None,
 ) -> RequestFacts:
     """
     Read the session facts of one request (the caller passes only POSTs).
@@ -288,7 +292,9 @@ def inspect_request(
     C{landing_pending(key)}, when given, says whether the session waits for
     its post-compaction request; when it does not, the continuation marker
     is not looked for (every request of a compacted session carries it, and
-    confirming it costs a JSON parse).
+    confirming it costs a JSON parse).  C{agent_header} is the request's
+    C{x-claude-code-agent-id} (a subagent's request, PROTOCOL facts checked
+    against Claude Code 2.1.197); kept when it is a sane id.
 
     Never raises: on a malformed body the facts are what the byte scans
     found, e.g. the session from the header.
@@ -392,6 +398,7 @@ def inspect_request(
         is_side_request=side,
         uses_cache=uses_cache,
         side_kind=side_kind,
+        agent_id=_header_id(agent_header),
     )
 
 

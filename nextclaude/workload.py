@@ -693,8 +693,11 @@ class ConversationSim:
             "stream": True,
         }
         tokens = self._prefix.subagent_tokens + segment_tokens(task)
-        return self._plan("subagent", self.turn, body, self.spec.output_tokens,
-                          rng.uniform(0.5, 2.0), tokens)
+        planned = self._plan("subagent", self.turn, body, self.spec.output_tokens,
+                             rng.uniform(0.5, 2.0), tokens)
+        # Claude Code names the subagent on each of its requests.
+        planned.headers["x-claude-code-agent-id"] = _short_hash(self.spec.seed, self.index, self.turn, "agent", length=17)
+        return planned
 
 
 class Workload:

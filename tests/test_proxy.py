@@ -592,3 +592,30 @@ class EndpointTests(SynchronousTestCase):
         self.assertIsInstance(self.endpoint(b"http://[::1]:8080/v1/messages"), TCP6ClientEndpoint)
         self.assertIsInstance(self.endpoint(b"http://localhost:8080/v1/messages"), HostnameEndpoint)
         self.assertIsInstance(self.endpoint(b"https://api.anthropic.com/v1/messages"), _WrapperEndpoint)
+
+
+class RequestFactsTests(SynchronousTestCase):
+    """What the proxy reads from a client request's headers for routing."""
+
+    def test_agent_header_is_read(self) -> None:
+        """
+        A Messages POST's x-claude-code-agent-id reaches the facts (a
+        subagent's request); without it there is no agent id.
+        """
+        from types import SimpleNamespace
+
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from nextclaude.proxy import request_facts
+
+        router = SimpleNamespace(landing_pending=lambda key: False)
+        for agent, expected in ((b"ac4d2479465dd9c5c", "ac4d2479465dd9c5c"), (None, None)):
+            request = DummyRequest([b"v1", b"messages"])
+            request.method = b"POST"
+            request.path = b"/v1/messages"
+            request.requestHeaders.setRawHeaders(b"x-claude-code-session-id", [b"11cfa701-0e23-422f-93b1-0dbba80e2624"])
+            if agent is not None:
+                request.requestHeaders.setRawHeaders(b"x-claude-code-agent-id", [agent])
+            facts = request_facts(request, b'{"model":"claude-sonnet-4-5","messages":[]}', router)  # type: ignore[arg-type]
+            self.assertEqual(facts.agent_id, expected)
+            self.assertEqual(facts.session_key, "s:11cfa701-0e23-422f-93b1-0dbba80e2624")

@@ -249,6 +249,11 @@ def subagent(session: str) -> RequestFacts:
     )
 
 
+def agent(session: str, agent_id: str = "ac4d2479465dd9c5c") -> RequestFacts:
+    """A subagent's request as Claude Code 2.1 sends it: the session's header and its own agent id."""
+    return replace(subagent(session), agent_id=agent_id)
+
+
 # -- the driver ------------------------------------------------------------------
 
 
@@ -569,6 +574,55 @@ class StatusIntervalTests(RouterCase):
         self.serve(turn(X))
         self.assertEqual(self.router.primary, "b")
         self.assertIsNone(self.router.status_due())
+
+
+class SubagentHomeTests(RouterCase):
+    """
+    Subagent requests (x-claude-code-agent-id) of every session go where
+    the last one was served while the subagents' prefix is warm there; the
+    sessions stay where they are.
+    """
+
+    def test_subagents_share_one_account_while_warm(self) -> None:
+        """
+        With sessions on two accounts, a subagent request of either goes to
+        the account that served the last subagent request, within the cache
+        TTL, and its session does not move; past the TTL it goes with its
+        session again.
+        """
+        self.build("a", "b")
+        self.serve(turn(X))
+        self.learn("a", headers(0.981, 0.3))
+        self.serve(turn(Y))
+        self.learn("a", headers(0.2, 0.3))
+        self.assertEqual((self.session_account(X), self.session_account(Y)), ("a", "b"))
+        self.assertEqual(self.where(agent(Y)), ("b", AFFINITY))
+        self.assertEqual(self.where(agent(X, "0123456789abcdef0")), ("b", AFFINITY))
+        self.assertEqual((self.session_account(X), self.session_account(Y)), ("a", "b"))
+        self.assertEqual(self.emitted(events.SWITCHED), [])
+        self.learn("b", headers(0.6, 0.3))
+        self.clock.advance(3601)
+        self.serve(turn(X))
+        self.assertEqual(self.session_account(X), "a")
+        self.assertEqual(self.where(agent(X)), ("a", AFFINITY))
+
+    def test_the_home_must_serve_and_a_pin_wins(self) -> None:
+        """
+        A home at its ceiling is passed over (the subagent goes with its
+        session), and under a manual pin subagents follow the pin like
+        every request.
+        """
+        self.build("a", "b")
+        self.serve(turn(X))
+        self.learn("a", headers(0.981, 0.3))
+        self.serve(turn(Y))
+        self.learn("a", headers(0.2, 0.3))
+        self.assertEqual(self.where(agent(Y)), ("b", AFFINITY))
+        self.learn("b", headers(0.999, 0.3, status="rejected"))
+        self.assertEqual(self.where(agent(X))[0], "a")
+        self.learn("b", headers(0.2, 0.3))
+        self.router.pin("a")
+        self.assertEqual(self.where(agent(Y))[0], "a")
 
 
 # -- 3. arming --------------------------------------------------------------------------

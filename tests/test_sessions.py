@@ -310,6 +310,21 @@ class SessionKeyTests(SynchronousTestCase):
         facts = inspect_request(MESSAGES, b"a" * 200, body)
         self.assertEqual(facts.session_key, "s:" + "a" * 200)
 
+    def test_agent_id_marks_a_subagent_request(self) -> None:
+        """
+        Claude Code's x-claude-code-agent-id (on a subagent's requests, as
+        Claude Code 2.1.197 sends them) is kept as the request's agent id
+        when it is a sane id; an absent, blank, overlong, non-printable or
+        non-ASCII one is none.  The session key is the session's either way.
+        """
+        body = cc_body(history())
+        facts = inspect_request(MESSAGES, SESSION.encode(), body, agent_header=b"ac4d2479465dd9c5c")
+        self.assertEqual((facts.agent_id, facts.session_key), ("ac4d2479465dd9c5c", "s:" + SESSION))
+        self.assertIsNone(inspect_request(MESSAGES, SESSION.encode(), body).agent_id)
+        for header in (b"", b"   ", b"a" * 201, b"abc\x00def", b"abc\x1bdef", "\u00e9".encode("utf-8")):
+            facts = inspect_request(MESSAGES, SESSION.encode(), body, agent_header=header)
+            self.assertEqual((facts.agent_id, facts.session_key), (None, "s:" + SESSION), header)
+
     def test_bad_metadata_falls_back_to_prefix(self) -> None:
         """A user_id without a usable session id leads to the prefix hash."""
         for user_id in ("", "not a session", '{"device_id":"d"}', '{"session_id":""}', '{"session_id":5}', "{broken"):
