@@ -293,8 +293,9 @@ def inspect_request(
     its post-compaction request; when it does not, the continuation marker
     is not looked for (every request of a compacted session carries it, and
     confirming it costs a JSON parse).  C{agent_header} is the request's
-    C{x-claude-code-agent-id} (a subagent's request, PROTOCOL facts checked
-    against Claude Code 2.1.197); kept when it is a sane id.
+    C{x-claude-code-agent-id}, which Claude Code 2.1.197 sends on a
+    subagent's requests only (seen on the wire; not in PROTOCOL.md yet);
+    kept when it is a sane id.
 
     Never raises: on a malformed body the facts are what the byte scans
     found, e.g. the session from the header.
@@ -549,8 +550,10 @@ class SessionTable:
         """
         Record one request of a session and say which moment it marks.
 
-        Side requests only look the session up: they never compact, land,
-        shrink or idle a session, and do not refresh its cache clock.
+        Side requests and a subagent's requests only look the session up:
+        they never compact, land, shrink or idle a session, and do not
+        refresh its cache clock (a subagent's conversation is cached apart
+        from the main thread's).
         """
         key = facts.session_key
         if key is None:
@@ -565,7 +568,7 @@ class SessionTable:
             sessions.move_to_end(key)
         session.last_request = now
         self._evict(now)
-        if facts.is_side_request:
+        if facts.is_side_request or facts.agent_id is not None:
             return session, Moment.NONE
 
         idle = existed and session.idle_expired(now)

@@ -788,6 +788,22 @@ class TableTests(SynchronousTestCase):
         self.assertEqual(self.table.get("s:" + SESSION).last_seen, 0.0)
         self.assertEqual(self.observe(main_request(ttl=None), 301.0), Moment.IDLE)
 
+    def test_subagent_request_keeps_cache_clock_and_moments(self) -> None:
+        """
+        A subagent's request (its x-claude-code-agent-id) is cached apart
+        from the main thread: it does not keep the session warm, nor use
+        up its idle moment or its landing.
+        """
+        from dataclasses import replace
+
+        self.observe(main_request(compaction_messages(), ttl=None), 0.0)
+        agent = replace(subagent_request(), agent_id="ac4d2479465dd9c5c")
+        self.assertEqual(self.observe(agent, 200.0), Moment.NONE)
+        self.assertEqual(self.table.get("s:" + SESSION).last_seen, 0.0)
+        self.assertEqual(self.observe(agent, 301.0), Moment.NONE)
+        self.assertEqual(self.table.get("s:" + SESSION).compaction_pending_since, 0.0)
+        self.assertEqual(self.observe(main_request(landing_messages(), ttl=None), 302.0), Moment.IDLE)
+
     def test_idle_wins_over_landing(self) -> None:
         """An idle landing request reports IDLE but still consumes the pending landing."""
         self.observe(main_request(compaction_messages(), ttl=None), 0.0)
