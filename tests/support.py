@@ -276,16 +276,20 @@ class ProcessWatcher(ProcessProtocol):
         self.ended.callback(reason.value)
 
 
-def spawn(test: Any, args: list[str], extra_env: dict[str, str] | None = None) -> ProcessWatcher:
+def spawn(
+    test: Any, args: list[str], extra_env: dict[str, str] | None = None, child_fds: dict[int, Any] | None = None
+) -> ProcessWatcher:
     """
     Run C{args} in a temporary directory with this checkout first on the
     path; the test's cleanup kills the process if it is still running.
+    C{child_fds} as for C{spawnProcess} (default: stdin, stdout and stderr
+    piped to the watcher).
     """
     cwd = Path(test.mktemp())
     cwd.mkdir()
     watcher = ProcessWatcher()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", **(extra_env or {}))
-    process = reactor.spawnProcess(watcher, args[0], args, env=env, path=str(cwd))
+    process = reactor.spawnProcess(watcher, args[0], args, env=env, path=str(cwd), childFDs=child_fds)
 
     def stop() -> Deferred[Exception] | None:
         if watcher.ended.called:

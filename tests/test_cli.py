@@ -656,22 +656,16 @@ class StopCommandTests(TestCase):
         still goes through and is waited for; the command ends without a
         traceback (status 1, having said nothing).
         """
-        from tests.support import ProcessWatcher, start_proxy
+        from tests.support import spawn, start_proxy
 
         config = write_config(self, 9)
         service, _ = start_proxy(self, config)
         read_end, write_end = os.pipe()
         os.close(read_end)
-        watcher = ProcessWatcher()
-        cwd = Path(self.mktemp())
-        cwd.mkdir()
-        reactor.spawnProcess(
-            watcher,
-            sys.executable,
+        watcher = spawn(
+            self,
             [sys.executable, "-m", "nextclaude", "--config", str(config), "stop"],
-            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
-            path=str(cwd),
-            childFDs={0: "w", 1: write_end, 2: "r"},
+            child_fds={0: "w", 1: write_end, 2: "r"},
         )
         os.close(write_end)
         reason = await watcher.ended
