@@ -27,7 +27,6 @@ from nextclaude.credentials import (
     read_default,
 )
 from nextclaude.oauth import OAuthClient, OAuthError, Profile, TokenSet, login
-from nextclaude.paths import FileProblem
 
 API_KEY_PREFIX = "sk-ant-"
 

@@ -2,16 +2,25 @@
 The activity log as plain text: the console's columns (time, status,
 duration, account, model, hit, miss, ✎, ↓out, hit %, reason) for
 C{nextclaude server --no-console} and twistd's log, and the observer that
-writes the server's terminal lines in the project's own format.
+writes the server's terminal lines in the project's own format; and the
+router that sends Twisted's log to a file while a console owns the
+terminal.
+
+Nothing here imports urwid: a server without a console never loads it
+(about 7 MB of resident memory, issue 12).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import time
-from typing import IO, Any, Callable, Iterable, Mapping
+from contextlib import contextmanager
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, cast
 
-from twisted.logger import FileLogObserver, eventAsText
+from twisted.logger import FileLogObserver, ILogObserver, eventAsText, textFileLogObserver
+from zope.interface import implementer
 
 from nextclaude.console import views
 
@@ -100,3 +109,54 @@ def terminal_observer(stream: IO[str]) -> FileLogObserver:
     A log observer writing L{format_terminal} lines to C{stream}.
     """
     return FileLogObserver(stream, lambda event: format_terminal(event) or "")
+
+
+# -- where log lines go while a console owns the terminal ------------------------
+
+
+@implementer(ILogObserver)
+class LogRouter:
+    """
+    A log observer to begin Twisted logging with, whose target can change:
+    plain lines to stdout normally, a file (or nowhere) while the console
+    owns the terminal.
+
+        router = LogRouter(textFileLogObserver(sys.stdout))
+        globalLogBeginner.beginLoggingTo([router], redirectStandardIO=False)
+        ...
+        with router.diverted(path):   # or run_console(..., log_router=router)
+            ...
+    """
+
+    def __init__(self, target: Callable[[Mapping[str, Any]], None] | None = None) -> None:
+        self.target = target
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        target = self.target
+        if target is not None:
+            target(event)
+
+    @contextmanager
+    def diverted(self, path: str | None) -> Iterator[None]:
+        """
+        For the duration of the block, send Twisted's log events and the
+        standard library's log records to C{path} (appended), or drop them
+        when C{path} is None; then restore both.
+        """
+        # 0600 like every file beside the config.
+        stream = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") if path else None
+        previous = self.target
+        self.target = cast(Callable[[Mapping[str, Any]], None], textFileLogObserver(stream)) if stream else None
+        root = logging.getLogger()
+        handlers = root.handlers[:]
+        handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else logging.NullHandler()
+        if stream is not None:
+            handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s] %(levelname)s %(message)s"))
+        root.handlers[:] = [handler]
+        try:
+            yield
+        finally:
+            root.handlers[:] = handlers
+            self.target = previous
+            if stream is not None:
+                stream.close()

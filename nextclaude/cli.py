@@ -43,7 +43,7 @@ def _server(args: argparse.Namespace) -> int:
         return 1
 
     from nextclaude.activity import terminal_observer
-    from nextclaude.console.app import LogRouter
+    from nextclaude.activity import LogRouter
 
     # Plain log lines in the project's own format (activity rows in the
     # console's columns, no Twisted factory chatter), unless the console
@@ -162,7 +162,8 @@ def _console(args: argparse.Namespace) -> int:
 
     from nextclaude import control, paths
     from nextclaude.account_commands import run_async
-    from nextclaude.console.app import LogRouter, Outcome, run_console
+    from nextclaude.activity import LogRouter
+    from nextclaude.console.app import Outcome, run_console
 
     try:
         config_path = _existing_config_file(args)

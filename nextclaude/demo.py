@@ -404,7 +404,7 @@ def main(args: argparse.Namespace) -> int:
         if console:
             from twisted.logger import globalLogBeginner
 
-            from nextclaude.console.app import LogRouter
+            from nextclaude.activity import LogRouter
 
             # Log lines have nowhere to go while the console owns the
             # terminal; the demo's own figures come after it.

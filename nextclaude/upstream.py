@@ -22,6 +22,7 @@ from twisted.web.client import (
     HTTPConnectionPool,
     _HTTP11ClientFactory,
 )
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -101,9 +102,32 @@ MAX_PERSISTENT_PER_HOST = 128
 CONNECT_TIMEOUT = 30.0
 
 
+class _ClientProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's HTTP/1.1 client protocol, less a reference cycle per request.
+
+    A finished response's parser keeps its body decoder, and the decoder's
+    callbacks lead back to the parser: the parser, decoder, response, both
+    header sets and the request (about 60 objects, 10 KB at Claude Code's
+    header count) then wait for a full garbage collection, which comes
+    about once per 1,800 requests (issue 12).  Dropping the decoder once
+    the connection has let go of the parser frees them by reference
+    counting as soon as the response is over.
+    """
+
+    def _disconnectParser(self, reason: Any) -> None:
+        parser = getattr(self, "_parser", None)
+        super()._disconnectParser(reason)
+        if parser is not None:
+            parser.bodyDecoder = None
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     # One "Starting factory" log line per upstream connection is noise.
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
 
 
 class _QuietPool(HTTPConnectionPool):

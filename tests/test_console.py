@@ -24,11 +24,11 @@ from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from nextclaude import __version__, events
+from nextclaude.activity import LogRouter
 from nextclaude.console import keymap, views
 from nextclaude.console import palette as p
 from nextclaude.console.app import (
     ConsoleApp,
-    LogRouter,
     Outcome,
     Redrawer,
     default_api_key_name,

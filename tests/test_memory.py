@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import weakref
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -155,6 +156,46 @@ class BodyReleaseTests(TestCase):
             [s.headers[b"authorization"][0] for s in upstream.seen],
             [b"Bearer sk-ant-oat01-alice", b"Bearer sk-ant-oat01-bob"],
         )
+
+
+class ResponseCycleTests(TestCase):
+    async def test_finished_response_is_freed_without_a_collection(self) -> None:
+        """
+        With the garbage collector off, a finished upstream response (and
+        so its parser, headers and request) is freed by reference counting
+        once its connection went back to the pool: Twisted's parser keeps
+        its body decoder, whose callbacks lead back to the parser, and that
+        cycle is broken.  Both a chunked and a Content-Length body.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+        from twisted.web.client import readBody
+        from twisted.web.http_headers import Headers
+
+        from nextclaude.upstream import UpstreamService
+
+        def handler(seen: Seen) -> Any:
+            if seen.request.path == b"/sized":
+                return b"all at once"
+            seen.request.write(b"in ")
+            seen.request.write(b"chunks")
+            seen.request.finish()
+            return NOT_DONE_YET
+
+        service = UpstreamService(reactor, f"http://127.0.0.1:{listen(self, FakeUpstream(handler))}")
+        service.startService()
+        self.addCleanup(service.stopService)
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for path, expected in ((b"/chunked", b"in chunks"), (b"/sized", b"all at once")):
+            response = await service.request(b"POST", path, Headers({}), b"{}")
+            self.assertEqual(await readBody(response), expected)
+            freed = weakref.ref(response)
+            del response
+            # The pool takes the connection back after the body's end is
+            # delivered, in the same call: let that call return.
+            await deferLater(reactor, 0, lambda: None)
+            self.assertIsNone(freed(), path)
 
 
 class BytesProducerTests(SynchronousTestCase):
@@ -330,3 +371,36 @@ class MaxTokensScanTests(SynchronousTestCase):
         body = json.dumps({"max_tokens": 1, "model": "m", "messages": [{"role": "user", "content": "w " * 200_000}]}).encode()
         facts = sessions.inspect_request(b"/v1/messages", None, body)
         self.assertTrue(facts.is_side_request)
+
+
+class ImportTests(SynchronousTestCase):
+    def test_server_without_console_does_not_load_urwid(self) -> None:
+        """
+        The modules a proxy runs on (the twistd plugin's tap, the service,
+        the CLI's server path and its plain-text activity log) never import
+        urwid, which alone holds about 7 MB of resident memory; only the
+        console does.
+        """
+        import subprocess
+
+        from tests.support import REPO_ROOT
+
+        code = (
+            "import sys\n"
+            "import nextclaude.tap, nextclaude.service, nextclaude.cli, nextclaude.activity\n"
+            "from nextclaude.activity import LogRouter, Rows\n"
+            "Rows().lines({'time': 0.0, 'status': 200}, ['sim-1'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'urwid'))\n"
+            "import nextclaude.console.app\n"
+            "print('urwid' in sys.modules)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=str(REPO_ROOT),
+            env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+            timeout=120,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.splitlines(), ["[]", "True"])

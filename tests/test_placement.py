@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nextclaude.config import AccountConfig
 from nextclaude.events import EventHub
-from nextclaude.placement import BEFORE_OWN, SPREAD_EARLY, Ledger, Placement, tier_size
+from nextclaude.placement import BEFORE_OWN, Ledger, Placement, tier_size
 from nextclaude.pool import AccountPool, Thresholds
 from nextclaude.quota import WindowQuota
 from nextclaude.replay import replay

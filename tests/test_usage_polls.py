@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from nextclaude.accounts import POLL_RETRY_CAP, POLL_SPACING, AccountsService, AccountsSettings
+from nextclaude.accounts import POLL_SPACING, AccountsService, AccountsSettings
 from nextclaude.config import add_account, load_config
 from nextclaude.events import EventHub
 from nextclaude.oauth import OAuthClient

@@ -6,7 +6,6 @@ command against a real database with no proxy running.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import time

@@ -11,21 +11,19 @@ with a L{twisted.internet.task.Clock} and a fake client.
 from __future__ import annotations
 
 import enum
-import os
 import inspect
-import logging
 import time
-from contextlib import contextmanager, nullcontext, suppress
-from typing import Any, Awaitable, Callable, Coroutine, Iterator, Mapping, Protocol, cast
+from contextlib import nullcontext, suppress
+from typing import Any, Awaitable, Callable, Coroutine, Mapping, Protocol, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, Logger, textFileLogObserver
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from nextclaude import events
+from nextclaude.activity import LogRouter
 from nextclaude.console import keymap
 from nextclaude.console import palette as p
 from nextclaude.console.views import LocalTime, Model
@@ -576,57 +574,6 @@ class ConsoleApp:
         stopped = maybeDeferred(self.stop_proxy).addCallback(_as_deferred)
         stopped.addErrback(lambda failure: self._log.failure("stopping the proxy failed", failure))
         stopped.addBoth(lambda _: self.finish(Outcome.STOPPED))
-
-
-# -- logging while urwid owns the terminal -------------------------------------
-
-
-@implementer(ILogObserver)
-class LogRouter:
-    """
-    A log observer to begin Twisted logging with, whose target can change:
-    plain lines to stdout normally, a file (or nowhere) while the console
-    owns the terminal.
-
-        router = LogRouter(textFileLogObserver(sys.stdout))
-        globalLogBeginner.beginLoggingTo([router], redirectStandardIO=False)
-        ...
-        with router.diverted(path):   # or run_console(..., log_router=router)
-            ...
-    """
-
-    def __init__(self, target: Callable[[Mapping[str, Any]], None] | None = None) -> None:
-        self.target = target
-
-    def __call__(self, event: Mapping[str, Any]) -> None:
-        target = self.target
-        if target is not None:
-            target(event)
-
-    @contextmanager
-    def diverted(self, path: str | None) -> Iterator[None]:
-        """
-        For the duration of the block, send Twisted's log events and the
-        standard library's log records to C{path} (appended), or drop them
-        when C{path} is None; then restore both.
-        """
-        # 0600 like every file beside the config.
-        stream = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") if path else None
-        previous = self.target
-        self.target = cast(Callable[[Mapping[str, Any]], None], textFileLogObserver(stream)) if stream else None
-        root = logging.getLogger()
-        handlers = root.handlers[:]
-        handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else logging.NullHandler()
-        if stream is not None:
-            handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s] %(levelname)s %(message)s"))
-        root.handlers[:] = [handler]
-        try:
-            yield
-        finally:
-            root.handlers[:] = handlers
-            self.target = previous
-            if stream is not None:
-                stream.close()
 
 
 # -- the terminal ----------------------------------------------------------------

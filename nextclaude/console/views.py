@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from urwid import calc_width
+from wcwidth import width
 
 from nextclaude import events as kinds
 from nextclaude.console import palette as p
@@ -129,7 +129,12 @@ def legend_paragraphs() -> list[Line]:
 
 
 def width_of(text: str) -> int:
-    return calc_width(text, 0, len(text))
+    """
+    Terminal columns of C{text}: wcwidth's measure, the one urwid (4 and
+    later) draws with, called directly so that the plain-text activity log
+    of a server without a console does not load urwid.
+    """
+    return width(text, control_codes="ignore")
 
 
 def line_text(line: Iterable[Segment]) -> str:
