@@ -30,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
+from nextclaude.placement import COMPACTION_RESERVE, MODEL_WINDOWS
 from nextclaude.pool import Thresholds
 from nextclaude.router import ARMING, FULL, NAIVE, SEQUENTIAL
 from nextclaude.simulate import FIVE_HOURS, SEVEN_DAYS, SimAnswer
@@ -68,6 +69,12 @@ def _shape(name: str, need: float, upstream: dict | None = None, **spec: object)
     return Shape(name, WorkloadSpec(**base), UpstreamSpec(**(upstream or {})), need)  # type: ignore[arg-type]
 
 
+# Where Claude Code compacts by default: the model's window less its ~13k
+# reserve (PROTOCOL.md).  Users may make it compact sooner (a setting, or
+# /compact), so the family also compacts at 60k-150k; a policy tuned only
+# to early compactions would misjudge the default.
+DEFAULT_COMPACTION = MODEL_WINDOWS[0] - COMPACTION_RESERVE
+
 # Quota formulas of item 5: cache reads free or 0.1-weighted, the newest
 # message billed as input or as cache creation, output x1 or x5.
 WEIGHTED = {"cache_read_weight": 0.1, "output_weight": 5.0, "creation_weight": 1.25}
@@ -84,6 +91,7 @@ def fixed_shapes() -> list[Shape]:
         _shape("staggered starts", 2.0, stagger=1_200.0),
         _shape("no side traffic", 2.0, side_requests=False, subagents=False),
         _shape("6k turns, compaction 150k", 2.0, turns=80, tokens_per_turn=6_000, compact_above=150_000),
+        _shape("compaction at the default", 2.0, turns=120, compact_above=DEFAULT_COMPACTION),
         _shape("1h TTL", 2.0, ttl="1h", seed=12),
         _shape("idle gaps, 5m TTL", 2.0, idle_rate=0.05, idle_gap=420.0, seed=13),
         _shape("idle gaps, 1h TTL", 2.0, {"cache_ttl_default": 3600.0}, ttl="1h", idle_rate=0.04, idle_gap=3_900.0),
@@ -113,7 +121,7 @@ def random_shapes(count: int, seed: int = 2026) -> list[Shape]:
         accounts = rng.randint(2, 5)
         sizes = tuple(rng.choice((1.0, 1.0, 5.0, 20.0)) for _ in range(accounts)) if rng.random() < 0.4 else None
         tokens_per_turn = rng.choice((1_500, 3_000, 4_500, 6_000))
-        compact_above = rng.choice((60_000, 100_000, 150_000))
+        compact_above = rng.choice((60_000, 100_000, 150_000, DEFAULT_COMPACTION))
         ttl = rng.choice(("5m", "1h"))
         spec = WorkloadSpec(
             sessions=rng.choice((1, 2, 3, 4, 5, 6, 8)),
