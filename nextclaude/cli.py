@@ -42,8 +42,7 @@ def _server(args: argparse.Namespace) -> int:
         print(f"nextclaude: {error}", file=sys.stderr)
         return 1
 
-    from nextclaude.activity import terminal_observer
-    from nextclaude.activity import LogRouter
+    from nextclaude.activity import LogRouter, terminal_observer
 
     # Plain log lines in the project's own format (activity rows in the
     # console's columns, no Twisted factory chatter), unless the console
