@@ -28,6 +28,14 @@ class ArgumentTests(SynchronousTestCase):
         self.patch(sys, "stderr", err)
         return main(list(argv)), err.getvalue()
 
+    def config_file(self, content: bytes) -> Path:
+        """A config.json holding C{content}, alone in a fresh directory."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "config.json"
+        path.write_bytes(content)
+        return path
+
     def test_first_run_creates_config_and_explains_no_accounts(self) -> None:
         """
         With no config file, `server` creates one (mode 0600, a random nc-
@@ -51,10 +59,7 @@ class ArgumentTests(SynchronousTestCase):
         A config file that is not valid JSON gives exit status 1 and an
         error naming the file; the file is left exactly as it was.
         """
-        directory = Path(self.mktemp())
-        directory.mkdir()
-        path = directory / "config.json"
-        path.write_bytes(b'{"accounts": [}')
+        path = self.config_file(b'{"accounts": [}')
         code, err = self.run_main("--config", str(path), "server")
         self.assertEqual(code, 1)
         self.assertIn(str(path), err)
@@ -85,10 +90,7 @@ class ArgumentTests(SynchronousTestCase):
         `status` for a config no proxy serves and that is broken says both:
         that no proxy runs, and what is wrong with the file.
         """
-        directory = Path(self.mktemp())
-        directory.mkdir()
-        config = directory / "config.json"
-        config.write_bytes(b'{"accounts": [')
+        config = self.config_file(b'{"accounts": [')
         code, err = self.run_main("--config", str(config), "status")
         self.assertEqual(code, 1)
         self.assertNotIn("Traceback", err)
@@ -124,10 +126,8 @@ class ArgumentTests(SynchronousTestCase):
         `status` looks at a valid config no proxy serves without writing it:
         no client key is added and no lock file is left.
         """
-        directory = Path(self.mktemp())
-        directory.mkdir()
-        config = directory / "config.json"
-        config.write_bytes(b'{"accounts": []}')
+        config = self.config_file(b'{"accounts": []}')
+        directory = config.parent
         code, err = self.run_main("--config", str(config), "status")
         self.assertEqual(code, 1)
         self.assertEqual(len(err.strip().splitlines()), 1, err)

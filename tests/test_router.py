@@ -583,6 +583,14 @@ class SubagentHomeTests(RouterCase):
     sessions stay where they are.
     """
 
+    def sessions_apart(self) -> None:
+        """Session X on account a, session Y on b (a went past the switch threshold in between)."""
+        self.build("a", "b")
+        self.serve(turn(X))
+        self.learn("a", headers(0.981, 0.3))
+        self.serve(turn(Y))
+        self.learn("a", headers(0.2, 0.3))
+
     def test_subagents_share_one_account_while_warm(self) -> None:
         """
         With sessions on two accounts, a subagent request of either goes to
@@ -590,11 +598,7 @@ class SubagentHomeTests(RouterCase):
         TTL, and its session does not move; past the TTL it goes with its
         session again.
         """
-        self.build("a", "b")
-        self.serve(turn(X))
-        self.learn("a", headers(0.981, 0.3))
-        self.serve(turn(Y))
-        self.learn("a", headers(0.2, 0.3))
+        self.sessions_apart()
         self.assertEqual((self.session_account(X), self.session_account(Y)), ("a", "b"))
         self.assertEqual(self.where(agent(Y)), ("b", AFFINITY))
         self.assertEqual(self.where(agent(X, "0123456789abcdef0")), ("b", AFFINITY))
@@ -612,11 +616,7 @@ class SubagentHomeTests(RouterCase):
         session), and under a manual pin subagents follow the pin like
         every request.
         """
-        self.build("a", "b")
-        self.serve(turn(X))
-        self.learn("a", headers(0.981, 0.3))
-        self.serve(turn(Y))
-        self.learn("a", headers(0.2, 0.3))
+        self.sessions_apart()
         self.assertEqual(self.where(agent(Y)), ("b", AFFINITY))
         self.learn("b", headers(0.999, 0.3, status="rejected"))
         self.assertEqual(self.where(agent(X))[0], "a")
