@@ -11,12 +11,21 @@ by their usage, and so learns the account's I{scale}: the utilization one
 unit of observed usage adds there (priors from the tier until it has
 served: Pro 1, Max 5x 5, Max 20x 20).  Whether a reading already counts
 the request it came with is unknown, so the fit is kept under both
-hypotheses and the better one used.  A session's cycle cost (the usage of
-one compaction cycle) is kept in usage units, so it converts to any
-account by that account's scale: the mean of its completed cycles, else
-projected from its own context growth per step to where it will compact
-(where it or the pool's sessions compacted, else the model's window minus
-Claude Code's ~13k reserve, PROTOCOL.md).
+hypotheses and the better one used.
+
+Early in a window, and with readings rounded to 0.05, uncached usage and
+cache reads rise together and the fit cannot tell them apart: costs then
+take the read weight at the upper end of what the readings allow (the fit
+plus one standard error, at most a read's price).  Underrating reads lets
+sessions crowd an account until all of them meet its ceiling with a full
+context; overrating them costs an early move while the context is small.
+
+A session's cycle cost (the usage of one compaction cycle) is kept in
+usage units, so it converts to any account by that account's scale: the
+mean of its completed cycles, else projected from its own context growth
+per step to where it will compact (where it or the pool's sessions
+compacted, else the model's window minus Claude Code's ~13k reserve,
+PROTOCOL.md).
 
 Every live session (its last request within its cache TTL) I{reserves} the
 remaining cost of its current cycle on the account it is on.  At a cheap
@@ -60,6 +69,18 @@ PRIOR_READ_WEIGHT = 0.05
 # How much the priors weigh against readings: about one reading a tenth of
 # a window along.  A few readings outweigh them; one rounded to 0.05 does not.
 PRIOR_STRENGTH = 1e-3
+# A cautious read weight is at most a read's price against base input
+# (0.1x, PROTOCOL.md "Prompt caching"), and this many standard errors of
+# the fit above it.
+CAUTIOUS_READ_WEIGHT = 0.1
+CAUTION = 1.0
+# Steps the utilization headers may be rounded to, coarsest first: a
+# window's readings are taken as rounded to the coarsest step they are all
+# multiples of (a reading between steps makes it finer).  Rounding to a
+# step adds noise of step / sqrt(12); unrounded readings are taken to
+# carry at least EXACT_NOISE.
+READING_STEPS = (0.05, 0.01)
+EXACT_NOISE = 1e-3
 # Claude Code compacts when the context nears the model's window, minus
 # about 13k tokens (PROTOCOL.md): until a session of the pool has been seen
 # compacting, the context it compacts at is taken from the smallest of these
@@ -138,9 +159,16 @@ class WindowLedger:
     # does not count its own request), and in all (one that does).
     pending: dict[str, list[float]] = field(default_factory=dict)
     pending_own: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # The step the readings are rounded to (0: not rounded).
+    step: float = READING_STEPS[0]
 
     def to_json(self) -> dict[str, Any]:
-        return {"sums": list(self.sums[BEFORE_OWN]), "sumsOwn": list(self.sums[SHOWS_OWN]), "points": self.points}
+        return {
+            "sums": list(self.sums[BEFORE_OWN]),
+            "sumsOwn": list(self.sums[SHOWS_OWN]),
+            "points": self.points,
+            "step": self.step,
+        }
 
     @classmethod
     def from_json(cls, data: object) -> WindowLedger:
@@ -152,7 +180,15 @@ class WindowLedger:
                     ledger.sums[hypothesis] = [float(v) for v in sums]
             points = data.get("points")
             ledger.points = points if type(points) is int and points >= 0 else 0
+            step = data.get("step")
+            if step in READING_STEPS or step == 0:
+                ledger.step = float(step)
         return ledger
+
+    def rounding(self, utilization: float) -> None:
+        """Make the step finer when a reading is not a multiple of it."""
+        while self.step > 0 and abs(utilization / self.step - round(utilization / self.step)) > 1e-6:
+            self.step = next((step for step in READING_STEPS if step < self.step), 0.0)
 
     def hold(self, key: str, cost: Sequence[float]) -> None:
         """Usage no reading has shown yet."""
@@ -175,9 +211,12 @@ class WindowLedger:
             self.sums[hypothesis][index] += value
         return True
 
-    def _solve(self, hypothesis: int, k: float, weight_prior: float) -> tuple[float, float, float]:
-        """(scale, read coefficient, residual) of one hypothesis, in units of the prior scale C{k}."""
-        uu, ur, rr, ux, rx, xx, _ = self.sums[hypothesis]
+    def _solve(self, hypothesis: int, k: float, weight_prior: float) -> tuple[float, float, float, float]:
+        """
+        (scale, read coefficient, residual, the read coefficient's standard
+        error) of one hypothesis, in units of the prior scale C{k}.
+        """
+        uu, ur, rr, ux, rx, xx, count = self.sums[hypothesis]
         # In units of the prior's utilization, so the prior's strength means
         # the same on every account.
         uu, ur, rr, ux, rx = uu * k * k, ur * k * k, rr * k * k, ux * k, rx * k
@@ -191,16 +230,29 @@ class WindowLedger:
             alpha, beta = b1 / a11, 0.0
         alpha = max(alpha, 0.05)
         residual = xx - 2 * (alpha * ux + beta * rx) + alpha * alpha * uu + 2 * alpha * beta * ur + beta * beta * rr
-        return alpha, beta, residual
+        # The readings' noise: what the residuals show, but never less than
+        # their rounding; the read coefficient's standard error follows from
+        # the (regularised) normal equations.
+        noise = max(residual / max(count - 2.0, 1.0), self.step**2 / 12, EXACT_NOISE**2)
+        return alpha, beta, residual, math.sqrt(noise * a11 / det)
 
-    def fit(self, scale_prior: float, weight_prior: float) -> tuple[float, float]:
-        """(scale, read weight): utilization per uncached token, and a read's weight against one."""
+    def fit(self, scale_prior: float, weight_prior: float, cautious: bool = False) -> tuple[float, float]:
+        """
+        (scale, read weight): utilization per uncached token, and a read's
+        weight against one.  C{cautious}: the read weight at the upper end
+        of what the readings allow, CAUTION standard errors above the fit
+        but at most CAUTIOUS_READ_WEIGHT (see the module docstring); with
+        no reading at all, that ceiling.
+        """
         k = scale_prior
         fits = [self._solve(h, k, weight_prior) for h in (BEFORE_OWN, SHOWS_OWN) if self.sums[h][6] > 0]
         if not fits:
-            return k, weight_prior
-        alpha, beta, _ = min(fits, key=lambda fit: fit[2])
-        return alpha * k, min(1.0, beta / alpha)
+            return k, max(weight_prior, CAUTIOUS_READ_WEIGHT) if cautious else weight_prior
+        alpha, beta, _, error = min(fits, key=lambda fit: fit[2])
+        weight = min(1.0, beta / alpha)
+        if cautious:
+            weight = max(weight, min(CAUTIOUS_READ_WEIGHT, (beta + CAUTION * error) / alpha))
+        return alpha * k, weight
 
 
 @dataclass
@@ -221,6 +273,7 @@ class Ledger:
         Returns whether anything was learned.
         """
         ledger = self.windows[window]
+        ledger.rounding(utilization)
         own = list(current) if current is not None else [0.0, 0.0]
         if ledger.last is None or reset != ledger.reset or utilization < ledger.last:
             # A new window (or the first reading): nothing to attribute.  Its
@@ -357,7 +410,10 @@ class Placement:
     # -- costs ------------------------------------------------------------------------
 
     def _fit(self, account: Account, window: str) -> tuple[float, float]:
-        """(scale, read weight) of one window of one account, from its readings and the priors."""
+        """
+        (scale, cautious read weight) of one window of one account, from its
+        readings and the priors: what costs are converted by.
+        """
         cached = self._fits_cache.get((account.name, window))
         if cached is not None:
             return cached
@@ -365,7 +421,7 @@ class Placement:
         base, weight = self._pool_prior(window)
         ledger = self.ledgers.get(account.name)
         data = ledger.windows[window] if ledger is not None else WindowLedger()
-        fit = data.fit(base / size, weight)
+        fit = data.fit(base / size, weight, cautious=True)
         self._fits_cache[(account.name, window)] = fit
         return fit
 
