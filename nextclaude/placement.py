@@ -180,9 +180,9 @@ class WindowLedger:
                     ledger.sums[hypothesis] = [float(v) for v in sums]
             points = data.get("points")
             ledger.points = points if type(points) is int and points >= 0 else 0
-            step = data.get("step")
+            step = _finite(data.get("step"))
             if step in READING_STEPS or step == 0:
-                ledger.step = float(step)
+                ledger.step = step
         return ledger
 
     def rounding(self, utilization: float) -> None:

@@ -159,7 +159,8 @@ class CostTests(SynchronousTestCase):
             ledger.reading("5h", value, RESET)
             self.assertEqual(ledger.windows["5h"].step, step, value)
         self.assertEqual(WindowLedger.from_json(ledger.windows["5h"].to_json()).step, 0.0)
-        self.assertEqual(WindowLedger.from_json({"step": 0.3}).step, 0.05)
+        for garbled in (0.3, False, "0.01", None):
+            self.assertEqual(WindowLedger.from_json({"step": garbled}).step, 0.05, garbled)
 
     def test_sizes_convert_between_accounts(self) -> None:
         """
