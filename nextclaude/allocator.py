@@ -1,19 +1,23 @@
 """
-glibc's allocator, told to give memory back after a load.
+glibc's allocator, set up for request bodies and told to give memory back
+after a load.
 
-Request bodies of 1-2 MB are the proxy's largest allocations.  glibc serves
-a block above its mmap threshold (128 KiB) with mmap, but raises the
-threshold to the size of each such block freed (up to 32 MiB): after the
-first large body, later ones come from the heap, which cannot shrink past
-small objects still alive above them, so the resident size stays near the
-high-water mark of a load long after it is over.  Reusing heap memory is
-cheaper than fresh pages from mmap for every body (a fixed threshold
-costs about 0.7 ms per megabyte in page faults, measured), so the heap
-keeps serving bodies and L{Reclaimer} hands its free pages back with
-C{malloc_trim} when a load has drained.
+Request bodies of 1-2 MB are the proxy's largest allocations.  Left to
+itself, glibc serves a block above its mmap threshold (128 KiB) with mmap
+and raises the threshold to the size of each such block freed, while
+free() trims the top of the heap whenever more than twice that is free
+there.  Bodies of slightly different sizes (and the upstream request's
+headers joined before them) then flip between fresh mmaps and a heap top
+trimmed away after each request: about 700 page faults per 1 MB request,
+~1.3 ms of system time (measured with benchmarks/proxy_overhead.py, case
+7).  So L{Allocator.keep_bodies_in_heap} fixes both thresholds at start-up
+(bodies always come from the heap, which keeps its free pages for the next
+one), and L{Reclaimer} hands the free pages back with C{malloc_trim} when a
+load has drained: the heap cannot shrink past small objects still alive
+above a freed body, but a trim releases the pages below them too.
 
 Everything here is a no-op where glibc is not the C library (macOS, musl,
-Windows): there is nothing to trim, and nothing fails.
+Windows): there is nothing to set or trim, and nothing fails.
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ from typing import Any, Callable
 from twisted.internet.interfaces import IReactorTime
 
 __all__ = ["Allocator", "Reclaimer", "glibc"]
+
+# mallopt's parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+# Blocks below this come from the heap: glibc's own ceiling for its moving
+# threshold on 64-bit, and the proxy's default body cap (proxy.maxBodyBytes).
+HEAP_BLOCKS_BELOW = 32 * 1024 * 1024
+# free() trims the heap top only past this much free there; a load's end is
+# left to the Reclaimer's malloc_trim.  Ten clients sending 2 MB bodies
+# still fault 530 pages a request with 16 MiB here, 150 with 64 MiB.
+TRIM_PAST = 64 * 1024 * 1024
 
 # A trim walks the whole heap and the pages it frees fault back in on the
 # next large body: at most one per this many seconds while requests drain,
@@ -64,6 +79,18 @@ class Allocator:
     @property
     def available(self) -> bool:
         return self._libc is not None
+
+    def keep_bodies_in_heap(self) -> bool:
+        """
+        Fix the mmap and trim thresholds (see the module docstring);
+        whether glibc took both settings.  Process-wide, so called once
+        by the service that starts the proxy.
+        """
+        mallopt = getattr(self._libc, "mallopt", None) if self._libc is not None else None
+        if mallopt is None:
+            return False
+        took = [bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_BELOW)), bool(mallopt(M_TRIM_THRESHOLD, TRIM_PAST))]
+        return all(took)
 
     def trim(self) -> bool:
         """

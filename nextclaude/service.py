@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from nextclaude import activity, events, paths
 from nextclaude.config import Config
 from nextclaude.accounts import AccountsService, AccountsSettings
+from nextclaude.allocator import Allocator
 from nextclaude.control import ConfigAccounts, ControlService
 from nextclaude.events import Event, EventHub
 from nextclaude.history import HistoryService, history_path
@@ -253,6 +254,7 @@ class ProxyService(MultiService):
             reactor, self.hub, config.notify, self.router, secrets=self._secrets, problems=self.problems
         )
         self.notifier.setServiceParent(self)
+        self.allocator = Allocator()
         self.resource = resource = ProxyResource(
             reactor,
             config,
@@ -262,6 +264,7 @@ class ProxyService(MultiService):
             self.hub,
             self.status,
             recorder=self.request_log,
+            allocator=self.allocator,
         )
         # GET /nextclaude/metrics: a registry of this proxy's own.
         self.metrics = MetricsService(
@@ -308,6 +311,12 @@ class ProxyService(MultiService):
             "bound": float(self.stop_bound()),
             "pid": os.getpid(),
         }
+
+    def startService(self) -> None:
+        # Before the first body arrives: bodies from the heap, which the
+        # resource's reclaimer trims when a load drains.
+        self.allocator.keep_bodies_in_heap()
+        super().startService()
 
     def stopService(self) -> Deferred[None]:
         # The console's quit and the reactor's shutdown may both ask; the

@@ -500,6 +500,38 @@ class MalformedChannelTests(SynchronousTestCase):
         self.assertEqual(request.uri, b"/v1/messages?beta=true")
         self.assertEqual(request.requestHeaders.getRawHeaders(b"x-latin"), [b"caf\xe9"])
 
+    def test_head_and_large_body_in_one_read(self) -> None:
+        """
+        A head and a large body arriving in one read (a big request's first
+        read) parse as if they came apart: every header and the body
+        intact, and a pipelined request after it served too.  A malformed
+        header line in such a read still gets exactly one 400, and the
+        body after it is never parsed.
+        """
+        body = b'{"pad":"' + b"\r\n\r\nPOST / HTTP/1.1" * 5000 + b'"}'
+        head = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nX-One: 1\r\nContent-Length: %d\r\n\r\n" % len(body)
+        bodies: list[bytes] = []
+
+        class Bodies(Recording):
+            def render(self, request: Request) -> bytes | int:
+                bodies.append(request.take_body())
+                return super().render(request)
+
+        resource = Bodies()
+        protocol, transport = connect_channel(resource, Clock())
+        protocol.dataReceived(head + body + b"GET /next HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        # Each answer's body ("ok") runs into the next status line.
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK\r\n"), 2)
+        self.assertEqual([r.uri for r in resource.rendered], [b"/v1/messages", b"/next"])
+        self.assertEqual(resource.rendered[0].requestHeaders.getRawHeaders(b"x-one"), [b"1"])
+        self.assertEqual(bodies, [body, b""])
+
+        resource = Bodies()
+        protocol, transport = connect_channel(resource, Clock())
+        protocol.dataReceived(head.replace(b"X-One: 1", b"X One: 1") + body)
+        self.assertEqual(status_lines(transport.value()), [b"HTTP/1.1 400 Bad Request"])
+        self.assertEqual(resource.rendered, [])
+
 
 class MalformedEndToEndTests(TestCase):
     async def test_malformed_requests_reach_nothing(self) -> None:

@@ -20,7 +20,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import NOT_DONE_YET
 
 from nextclaude import proxy, sessions
-from nextclaude.allocator import Allocator, Reclaimer, glibc
+from nextclaude.allocator import (
+    HEAP_BLOCKS_BELOW,
+    M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD,
+    TRIM_PAST,
+    Allocator,
+    Reclaimer,
+    glibc,
+)
+from nextclaude.config import ProxySettings
 from nextclaude.upstream import BytesProducer
 from tests.support import (
     ChunkCollector,
@@ -231,12 +240,17 @@ class BytesProducerTests(SynchronousTestCase):
 class _FakeLibc:
     def __init__(self) -> None:
         self.trims = 0
+        self.options: dict[int, int] = {}
 
     def gnu_get_libc_version(self) -> bytes:
         return b"2.39"
 
     def malloc_trim(self, pad: int) -> int:
         self.trims += 1
+        return 1
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.options[parameter] = value
         return 1
 
 
@@ -275,6 +289,7 @@ class AllocatorGuardTests(SynchronousTestCase):
         allocator = Allocator(find=lambda: None)
         self.assertFalse(allocator.available)
         self.assertFalse(allocator.trim())
+        self.assertFalse(allocator.keep_bodies_in_heap())
         reclaimer = Reclaimer(allocator, Clock())
         reclaimer.relayed()
         reclaimer.drained()
@@ -292,6 +307,25 @@ class AllocatorGuardTests(SynchronousTestCase):
         else:
             self.assertTrue(allocator.available)
         self.assertIn(allocator.trim(), (True, False))
+        self.assertIn(allocator.keep_bodies_in_heap(), (True, False))
+
+    def test_bodies_kept_in_heap(self) -> None:
+        """
+        At start-up glibc is told to serve every block below 32 MiB (the
+        default body cap) from the heap and to leave the heap's top to the
+        reclaimer's trims (up to 64 MiB free there); a glibc build without
+        mallopt is left alone.
+        """
+        libc = _FakeLibc()
+        self.assertTrue(Allocator(libc=libc).keep_bodies_in_heap())
+        self.assertEqual(libc.options, {M_MMAP_THRESHOLD: HEAP_BLOCKS_BELOW, M_TRIM_THRESHOLD: TRIM_PAST})
+        self.assertEqual((HEAP_BLOCKS_BELOW, TRIM_PAST), (32 * 1024 * 1024, 64 * 1024 * 1024))
+        self.assertEqual(ProxySettings().max_body_bytes, HEAP_BLOCKS_BELOW)
+
+        class Old(_FakeLibc):
+            mallopt = None  # type: ignore[assignment]
+
+        self.assertFalse(Allocator(libc=Old()).keep_bodies_in_heap())
 
 
 class ReclaimerTests(SynchronousTestCase):
