@@ -38,7 +38,10 @@ cold everywhere, so it goes to the best account that holds its cycle (warm
 with the shared prefix first).  At the ceiling it moves to an account that
 holds a full cycle, else to the one with the most headroom.  A session still
 in its first cycle with a tiny context moves (I{spread early}) when its
-account cannot hold it beside the sessions placed there before it.
+account cannot hold it beside the sessions placed there before it: to an
+account that holds its cycle, else (cycles bigger than any account holds
+with the margin) to one with a good deal more room that still holds what
+is left of this cycle.
 """
 
 from __future__ import annotations
@@ -611,16 +614,20 @@ class Placement:
         """Whether the account holds the session's next full cycle beside the others' reservations."""
         return self.holds(account, self.cycle_cost(session), now, self.reserved(account, now, apart=session))
 
-    def room_share(self, account: Account, now: float, session: Session, reserved: Cost | None = None) -> float:
+    def room_share(
+        self, account: Account, now: float, session: Session, reserved: Cost | None = None, cost: Cost | None = None
+    ) -> float:
         """
-        How many of the session's cycles the account has room for (its
-        tightest window) beside C{reserved}, by default the others' reservations.
+        How many of the session's cycles (or of C{cost}) the account has
+        room for (its tightest window) beside C{reserved}, by default the
+        others' reservations.
         """
         if reserved is None:
             reserved = self.reserved(account, now, apart=session)
         room = self.room(account, now, reserved)
-        cycle = self.cycle_cost(session)
-        return min(room[w] / max(self.utilization(account, w, cycle), 1e-12) for w in WINDOWS)
+        if cost is None:
+            cost = self.cycle_cost(session)
+        return min(room[w] / max(self.utilization(account, w, cost), 1e-12) for w in WINDOWS)
 
     # -- ranking and decisions -------------------------------------------------------
 
@@ -718,16 +725,18 @@ class Placement:
         now: float,
         family: str | None,
         exclude: Callable[[Account], bool],
+        here_reserved: Cost | None = None,
     ) -> Account | None:
         """
         When no account holds the session's whole next cycle (small
         accounts, or a long cycle): the one with room for the most of it,
         when that is SPREAD_GAIN of a cycle more than it has here
-        (the others' reservations count against both).  Moving while it is
-        cheap beats meeting the ceiling here at full context; subscription
-        accounts of the same or a better priority only.
+        (the others' reservations count against both; here, only
+        C{here_reserved} when given).  Moving while it is cheap beats
+        meeting the ceiling here at full context; subscription accounts of
+        the same or a better priority only.
         """
-        here = self.room_share(current, now, session)
+        here = self.room_share(current, now, session, reserved=here_reserved)
         roomier = [
             (share, a)
             for a in self._candidates(now, family, lambda a: exclude(a) or a.name == current.name)
@@ -743,16 +752,27 @@ class Placement:
         """
         A tiny session on an account that cannot hold its first cycle
         beside the sessions placed there before it: the best account that
-        does, while moving it costs little more than the prefix.  Decided
-        once its own growth is seen (a few turns), not on the prior's.
+        does, while moving it costs little more than the prefix.  When no
+        account holds a whole cycle with the margin (big cycles, small
+        accounts), the one with room for a good deal more of it than it
+        has here beside those sessions (L{roomier}), if that one still
+        holds what is left of this cycle: a move that only delays meeting
+        a ceiling is not worth making on early estimates.  Decided once
+        its own growth is seen (a few turns), not on the prior's.
         """
         if not self.tiny(session) or current.kind == "apikey" or session.cycle_steps < MIN_STEPS:
             # Decided on the session's own growth, not on the prior's.
             return None
+        remaining = self.remaining(session)
         senior = self.reserved(current, now, apart=session, senior_to=session)
-        if self.holds(current, self.remaining(session), now, senior):
+        if self.holds(current, remaining, now, senior):
             return None
-        return self.best(session, now, family, lambda a: exclude(a) or a.name == current.name)
+        best = self.best(session, now, family, lambda a: exclude(a) or a.name == current.name)
+        if best is None:
+            best = self.roomier(session, current, now, family, exclude, here_reserved=senior)
+            if best is not None and self.room_share(best, now, session, cost=remaining) < 1.0:
+                return None
+        return best
 
     # -- persistence ---------------------------------------------------------------------
 

@@ -332,6 +332,36 @@ class DecisionTests(SynchronousTestCase):
         moved = self.placement.spread_early(third, a, NOW, None, lambda acc: False)
         self.assertEqual(moved.name if moved else None, "b")
 
+    def test_spread_early_when_no_account_holds_a_whole_cycle(self) -> None:
+        """
+        Cycles bigger than any account holds whole (a long context on
+        small accounts): of two tiny sessions on one account, the later
+        still moves to the account with a good deal more room for it than
+        it has beside the first, rather than meeting the ceiling there
+        with its whole context; the first stays, since no other account
+        has a good deal more room than its own.
+        """
+        a = self.account("a", 0.05)
+        self.account("b")
+        self.account("c", 0.9)
+        first = self.session("s:x", "a", placed=1.0)
+        second = self.session("s:y", "a", placed=2.0)
+        for session in (first, second):
+            # Two turns in, growing 6k a turn; the pool's sessions compact at 900k.
+            session.cycle_costs, session.compactions = [], 0
+            session.cycle_base, session.context, session.cycle_steps = 15_000, 27_000, 2
+            session.cycle_growth, session.cycle_step_tokens, session.cycle_tokens = 12_000, 12_000, 12_000
+        self.placement.compaction_contexts = [900_000]
+        for name in "abc":
+            account = self.accounts.get(name)
+            assert account is not None
+            self.assertFalse(self.placement.holds(account, self.placement.cycle_cost(first), NOW, (0.0, 0.0)))
+        self.assertIsNone(self.placement.spread_early(first, a, NOW, None, lambda acc: False))
+        moved = self.placement.spread_early(second, a, NOW, None, lambda acc: False)
+        self.assertEqual(moved.name if moved else None, "b")
+        # Never back to an account it left within its TTL: then it stays.
+        self.assertIsNone(self.placement.spread_early(second, a, NOW, None, lambda acc: acc.name == "b"))
+
 
 def tiny_shape(sessions: int, turns: int, seed: int, accounts: int, need: float,
                tokens_per_turn: int = 5_000) -> tuple[WorkloadSpec, UpstreamSpec]:
