@@ -222,7 +222,7 @@ async def run_demo(
         service.startService()
         host, port = service.address()
         url = f"http://{host}:{port}"
-        intro = intro_paragraphs(settings, url)
+        intro = intro_paragraphs(settings, url, console)
         if not console:
             # With the console the introduction opens inside the screen.
             print("\n".join(intro) + "\n", file=out, flush=True)
@@ -283,10 +283,10 @@ async def _traffic(
         driver.deliver(now, session, request, await _send(http, url, key, request))
 
 
-def intro_paragraphs(settings: DemoSettings, url: str) -> list[str]:
+def intro_paragraphs(settings: DemoSettings, url: str, console: bool = True) -> list[str]:
     """
     What the demo shows, for someone new to prompt caching: printed before
-    the event log, or opened inside the console's screen.
+    the event log (C{console} false), or opened inside the console's screen.
     """
     return [
         f"NextClaude {__version__} demo: {settings.accounts} simulated accounts with "
@@ -299,8 +299,21 @@ def intro_paragraphs(settings: DemoSettings, url: str) -> list[str]:
         "Watch new sessions stay on the warm account, sessions move when their account fills up "
         "right after a compaction (when the conversation is small, so moving is cheap), and the "
         "summary at the end prices what this run's moves re-billed against naive rotation.",
-        "Press ? for a legend of every figure and word on screen, q to quit.",
+        "Press ? for a legend of every figure and word on screen, q to quit."
+        if console
+        else "Ctrl-C stops the traffic early; the summary is printed either way.",
     ]
+
+
+def verdict(rebilled: int, naive: int) -> str:
+    """
+    The end of the demo's headline: what the run saved against naive
+    rotation's estimate (tokens).  A short run may end before naive
+    rotation would have had to move at all: then it says what the run
+    cost more, never that a negative amount was saved.
+    """
+    saved = naive - rebilled
+    return f"so about {saved:,} were saved" if saved >= 0 else f"so this run re-billed about {-saved:,} more"
 
 
 async def _watch(
@@ -366,7 +379,7 @@ def _print_summary(
     print(
         ("\nInterrupted: the summary so far." if interrupted else "")
         + f"\nThis run: its moves re-billed {rebilled:,} cache tokens; naive rotation on the same requests "
-        f"would have re-billed about {naive:,} (estimate), so about {naive - rebilled:,} were saved.",
+        f"would have re-billed about {naive:,} (estimate), {verdict(rebilled, naive)}.",
         file=out,
     )
     print(

@@ -1490,8 +1490,9 @@ class LegendAndDemoTests(ConsoleHarness):
     def test_question_mark_opens_the_legend(self) -> None:
         """
         ? opens a legend with a sentence for hit, miss, ✎, cold, every
-        status, every flag and every routing reason of the vocabulary; j
-        scrolls it, any other key closes it.
+        status, every flag and every routing reason of the vocabulary (and
+        the short form a narrow log shows it by); j scrolls it, any other
+        key closes it.
         """
         self.make_app()
         self.assertIn("? legend", self.screen()[-1])
@@ -1508,9 +1509,13 @@ class LegendAndDemoTests(ConsoleHarness):
             "forward-only-waived", "manual", "probe", "exhausted", "no-credentials",
         ]  # fmt: skip
         self.assertEqual([term for term, _ in views.LEGEND_REASONS], reasons)
-        # The legend is taller than 24 rows: scrolling shows the reasons.
+        # The legend is taller than 24 rows: scrolling shows the reasons,
+        # and the short forms a narrow log uses.
         self.press(*["j"] * 60)
         self.assertIn("no-credentials", self.text())
+        legend = " ".join(views.line_text(line) for line in views.legend_paragraphs())
+        for short in ("moved:compact", "moved:idle", "fwd-only-waived", "retry-transnt", "no-creds"):
+            self.assertIn(f"({short} where the log is narrow.)", legend)
         self.press("x")
         self.assertNotIn("Legend", self.text())
         self.assertFalse(self.app.done.called)
@@ -1555,3 +1560,23 @@ class LegendAndDemoTests(ConsoleHarness):
         self.assertEqual(len(self.stops), 1)
         self.stops[0].callback(None)
         self.assertEqual(self.successResultOf(self.app.done), Outcome.STOPPED)
+
+
+class OutsideScreenLogTests(SynchronousTestCase):
+    def test_only_warnings_and_errors_reach_the_terminal(self) -> None:
+        """
+        Before the console's screen opens and after it closes, Twisted's
+        info lines ("Starting factory", "Main loop terminated.") are
+        dropped; warnings and errors still reach the terminal.
+        """
+        from nextclaude.cli import warnings_to
+
+        stream = io.StringIO()
+        log = Logger(observer=warnings_to(stream), namespace="test")
+        log.info("Starting factory {factory}", factory="OneShotFactory")
+        log.warn("the proxy went away")
+        log.error("state file unreadable")
+        text = stream.getvalue()
+        self.assertNotIn("Starting factory", text)
+        self.assertIn("the proxy went away", text)
+        self.assertIn("state file unreadable", text)

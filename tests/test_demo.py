@@ -14,9 +14,9 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from nextclaude.demo import DemoSettings, DemoSummary, run_demo
+from nextclaude.demo import DemoSettings, DemoSummary, run_demo, verdict
 from nextclaude.simulate import VirtualTimeReactor
 
 # Two sessions for 40 (virtual) seconds burn about 50,000 quota tokens: the
@@ -87,12 +87,21 @@ class DemoTests(TestCase):
         self.assertIn("naive rotation", text)
         self.assertNotIn("replayed", text)
         headline = re.search(r"^This run: its moves re-billed ([\d,]+) cache tokens; naive rotation on the same "
-                             r"requests would have re-billed about ([\d,]+) \(estimate\), so about (-?[\d,]+) were saved\.$",
+                             r"requests would have re-billed about ([\d,]+) \(estimate\), "
+                             r"so (?:about ([\d,]+) were saved|this run re-billed about ([\d,]+) more)\.$",
                              text, re.MULTILINE)  # fmt: skip
         self.assertIsNotNone(headline, text)
         assert headline is not None
-        rebilled, naive, saved = (int(g.replace(",", "")) for g in headline.groups())
-        self.assertEqual(saved, naive - rebilled)
+        rebilled, naive = (int(g.replace(",", "")) for g in headline.groups()[:2])
+        saved, more = headline.groups()[2:]
+        if saved is not None:
+            self.assertEqual(int(saved.replace(",", "")), naive - rebilled)
+        else:
+            self.assertEqual(int(more.replace(",", "")), rebilled - naive)
+            self.assertGreater(rebilled, naive)
+        # Without the console, the introduction says how to stop, not which keys to press.
+        self.assertIn("Ctrl-C stops the traffic early", text)
+        self.assertNotIn("q to quit", text)
         line = re.search(r"^Summary: .*$", text, re.MULTILINE)
         self.assertIsNotNone(line)
         assert line is not None
@@ -182,3 +191,15 @@ class InterruptTests(TestCase):
         self.assertEqual(reason.exitCode, 129, watcher.output)
         self.assertNotIn("Traceback", watcher.output)
         self.assertEqual(os.listdir(tmp), [])
+
+
+class VerdictTests(SynchronousTestCase):
+    def test_never_a_negative_saving(self) -> None:
+        """
+        The headline says how much was saved when naive rotation would have
+        re-billed more, and how much more this run re-billed otherwise;
+        never "-3,000 were saved".
+        """
+        self.assertEqual(verdict(1_000, 25_000), "so about 24,000 were saved")
+        self.assertEqual(verdict(0, 0), "so about 0 were saved")
+        self.assertEqual(verdict(3_000, 0), "so this run re-billed about 3,000 more")

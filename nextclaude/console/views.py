@@ -120,6 +120,9 @@ def legend_paragraphs() -> list[Line]:
     for title, entries, attr in sections:
         paragraph: Line = [(p.DIALOG_TITLE, title)]
         for term, sentence in entries:
+            short = _SHORT_REASONS.get(term) if entries is LEGEND_REASONS else None
+            if short is not None:
+                sentence += f" ({short} where the log is narrow.)"
             paragraph += [(None, "\n"), (p.DIALOG_TITLE, f"{term}"), (p.DIALOG, f": {sentence}")]
         paragraphs.append(paragraph)
     return paragraphs
