@@ -1,7 +1,7 @@
 """
 Problems the user must see until they are resolved: a rotated token that
 could not be saved, a request log that cannot be written, a dead
-credential.  One registry per proxy; every change is announced on the
+credential, an upstream that cannot be reached.  One registry per proxy; every change is announced on the
 event stream (C{problem-raised} / C{problem-cleared}, the problem's kind
 in their C{problem} field) and the current list
 is part of the status snapshot (C{problems}), so C{nextclaude status}, its
@@ -36,6 +36,16 @@ USAGE_UNREACHABLE = "usage-unreachable"
 #: An automatic reload (file watcher, SIGHUP) found the config file broken
 #: and kept the running accounts; cleared by the next reload that works.
 CONFIG_REFUSED = "config-refused"
+#: The upstream API could not be reached (connection refused or failed,
+#: or no answer within proxy.upstreamTimeout): clients get 502 or 504
+#: whatever account they would use.  Cleared by the next answer from it.
+UPSTREAM_UNREACHABLE = "upstream-unreachable"
+# The status of a request that never reached the upstream, and what it says.
+_UNREACHABLE = {
+    502: "The upstream API could not be reached: requests get 502 until it answers (check the network, "
+    "or `upstream` in the config).",
+    504: "The upstream API did not answer in time (proxy.upstreamTimeout): requests get 504 until it answers.",
+}
 
 
 @dataclass(frozen=True)
@@ -121,3 +131,11 @@ class Problems:
         account = event.data.get("account")
         if event.kind == events.ACCOUNT_ERROR and isinstance(account, str):
             self.raise_problem(account, ACCOUNT_ERROR, str(event.data.get("message") or "credential rejected"))
+        elif event.kind == events.REQUEST_FINISHED and isinstance(account, str):
+            # A request sent to an account either never got an answer (the
+            # proxy's own 502/504, not ok) or got one: the upstream answers.
+            status = event.data.get("status")
+            if event.data.get("ok") is False and status in _UNREACHABLE:
+                self.raise_problem(None, UPSTREAM_UNREACHABLE, _UNREACHABLE[status])
+            else:
+                self.clear(None, UPSTREAM_UNREACHABLE)

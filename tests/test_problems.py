@@ -15,9 +15,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from nextclaude import events
 from nextclaude.console import views
 from nextclaude.events import Event, EventHub
-from nextclaude.problems import ACCOUNT_ERROR, REQUEST_LOG, TOKEN_IN_MEMORY, TOKEN_UNSAVED, Problems
+from nextclaude.problems import (
+    ACCOUNT_ERROR,
+    REQUEST_LOG,
+    TOKEN_IN_MEMORY,
+    TOKEN_UNSAVED,
+    UPSTREAM_UNREACHABLE,
+    Problems,
+)
 from nextclaude.statusview import problem_lines, render_status
-from tests.support import auth, client, start_proxy, write_config
+from tests.support import FakeUpstream, auth, client, json_reply, listen, start_proxy, write_config
 
 NOW = 1_750_000_000.0
 
@@ -81,6 +88,29 @@ class RegistryTests(SynchronousTestCase):
         self.assertFalse(self.problems.active("bob", ACCOUNT_ERROR))
         self.assertTrue(self.problems.active("alice", ACCOUNT_ERROR))
         self.assertFalse(self.problems.active("carol", TOKEN_IN_MEMORY))
+
+    def test_upstream_unreachable_follows_the_requests(self) -> None:
+        """
+        A request sent to an account that never got an answer (the proxy's
+        own 502 or 504, not ok) raises one proxy-wide upstream-unreachable
+        problem saying which; the next request that got any answer clears
+        it.  A stream cut after its answer began, or a request no account
+        could take, says nothing about reaching the upstream.
+        """
+        finished = lambda **data: self.hub.emit(events.REQUEST_FINISHED, NOW, **data)  # noqa: E731
+        finished(account="alice", status=200, ok=False)
+        finished(account=None, status=429, ok=True)
+        self.assertEqual(self.problems.snapshot(), [])
+        finished(account="alice", status=502, ok=False)
+        finished(account="bob", status=504, ok=False)
+        (only,) = self.problems.snapshot()
+        self.assertEqual((only["account"], only["kind"]), (None, UPSTREAM_UNREACHABLE))
+        self.assertIn("did not answer in time (proxy.upstreamTimeout)", only["message"])
+        finished(account=None, status=429, ok=True)
+        self.assertTrue(self.problems.active(None, UPSTREAM_UNREACHABLE))
+        # The upstream's own 502 is an answer.
+        finished(account="alice", status=502, ok=True)
+        self.assertEqual(self.problems.snapshot(), [])
 
     def test_order_is_oldest_first(self) -> None:
         """
@@ -207,6 +237,26 @@ class StatusEndpointTests(TestCase):
             self.assertEqual([p["kind"] for p in shown], [REQUEST_LOG])
 
         return Deferred.fromCoroutine(check())
+
+    async def test_unreachable_upstream_is_a_problem(self) -> None:
+        """
+        A proxy whose upstream refuses connections does not look healthy:
+        after a request that got the proxy's 502, the status lists an
+        upstream-unreachable problem that says what clients get.
+        """
+        port = listen(self, FakeUpstream(lambda request, body: json_reply(request, 200, {})))
+        path = write_config(self, port)
+        # Free the port again so that nothing listens there.
+        await self._cleanups.pop()[0]()
+        self.service, self.base = start_proxy(self, path)
+        response = await client(self).post(
+            self.base + "/v1/messages", b'{"model":"claude-sonnet-4-5","messages":[]}', headers=auth()
+        )
+        self.assertEqual(response.code, 502)
+        await response.content()
+        (problem,) = (await self.fetch_status())["problems"]
+        self.assertEqual((problem["account"], problem["kind"]), (None, UPSTREAM_UNREACHABLE))
+        self.assertIn("requests get 502", problem["message"])
 
 
 class PrimaryTextTests(SynchronousTestCase):
