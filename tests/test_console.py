@@ -1580,3 +1580,30 @@ class OutsideScreenLogTests(SynchronousTestCase):
         self.assertNotIn("Starting factory", text)
         self.assertIn("the proxy went away", text)
         self.assertIn("state file unreadable", text)
+
+
+class CardWidthTests(SynchronousTestCase):
+    def test_both_windows_fit_an_80_column_card(self) -> None:
+        """
+        At 80 columns the normal card's window line keeps both resets
+        whole, with the widest figures either can show (100% used, resets
+        in 23h59m and in 6d23h): nothing is cut to an ellipsis.
+        """
+        now = 1_750_000_000.0
+        account = {
+            "name": "sim-1",
+            "tier": "Max",
+            "status": "active",
+            "windows": {
+                "5h": {"utilization": 1.0, "reset": now + 23 * 3600 + 59 * 60},
+                "7d": {"utilization": 1.0, "reset": now + 6 * 86400 + 23 * 3600},
+            },
+        }
+        for width in (80, 100, 60):
+            lines = [views.line_text(line) for line in views.card_lines(account, now, views.NORMAL, width)]
+            windows = next(line for line in lines if "5h" in line and "7d" in line)
+            self.assertLessEqual(views.width_of(windows), width)
+            if width >= 80:
+                self.assertNotIn("…", windows)
+                self.assertIn("(23h59m)", windows)
+                self.assertIn("(6d23h)", windows)

@@ -63,6 +63,12 @@ LEGEND_FIGURES = [
     ("miss", "tokens processed afresh (input + cache writes): these burn quota."),
     ("✎", "cache writes, a rebuild of the context; a big ✎ with a low hit % is the expensive event."),
     ("cold", "a request that wrote more to the cache than it read (and over 1,000 tokens): a full rebuild."),
+    ("↑ ↓", "tokens sent uncached (input) and received (output), as the API counted them."),
+    ("5h 7d", "how much of the account's 5-hour and weekly quota windows is used, and when each resets."),
+    ("Pro Max", "the account's plan (its tier), which sets how large its windows are."),
+    ("re-billed", "cache tokens written again today because a conversation moved to another account."),
+    ("saved≈", "an estimate: what naive rotation would have re-billed on the same requests, less what was (negative when this run moved more)."),
+    ("◇ ⇄", "in the log: a compaction detected; a conversation switched accounts."),
 ]
 LEGEND_STATUSES = [
     ("active", "serving, with room left."),
@@ -655,7 +661,8 @@ def card_lines(
         lines.append([(None, "  "), (p.DIM, "cache: ")] + cache_segments(usage, True))
         lines.append([(None, "  "), (p.DIM, "tokens: ")] + token_segments(usage, True))
     elif level == NORMAL:
-        bar_width = max(6, min(24, (width - 36) // 2))
+        # Two windows of "5h " + bar + " 100%" + " (23h59m)", an indent and a gap.
+        bar_width = max(6, min(24, (width - 39) // 2))
         lines = [
             *titled(account, now, width, localtime),
             [(None, "  ")]
