@@ -845,7 +845,13 @@ class Router:
                 for account in accounts
             )
 
-        parts = [f"NextClaude: no account can serve right now; retry in {retry_after} s."]
+        # Only an account out of quota or throttled comes back by itself:
+        # without one, "retry in N s" would promise what waiting cannot give.
+        parts = [
+            f"NextClaude: no account can serve right now; retry in {retry_after} s."
+            if waiting
+            else "NextClaude: no account can serve this request."
+        ]
         if out_of_quota:
             parts.append(f"Out of quota: {when(out_of_quota)}.")
         if throttled:

@@ -133,7 +133,8 @@ class DisabledRoutingTests(RouterCase):
     def test_everything_disabled_is_a_429_naming_them(self) -> None:
         """
         With every account disabled the client gets the synthetic 429
-        naming them, not the dead-credentials 401.
+        naming them, not the dead-credentials 401; as no account comes back
+        by itself, the message does not tell it to retry in a while.
         """
         self.build("a", "b")
         self.disable("a")
@@ -142,6 +143,8 @@ class DisabledRoutingTests(RouterCase):
         final = outcome.decisions[-1]
         self.assertEqual((final.account, final.status), (None, 429))
         self.assertIn("Disabled: a, b", final.message)
+        self.assertTrue(final.message.startswith("NextClaude: no account can serve this request. "), final.message)
+        self.assertNotIn("retry in", final.message)
 
 
 class RunningProxyTests(TestCase):
