@@ -60,8 +60,10 @@ class HistoryViewTests(ConsoleHarness):
         self.assertIn("today: re-billed 12k · naive≈ 150k · saved≈ 138k", text)
         self.assertIn("7 days: re-billed 30k", text)
         alice = self.line_with("····▂▅█▁", (80, 24))
-        self.assertIn("✎20k", alice)
-        self.assertIn("█" + "·" * 23, self.line_with("✎10k", (80, 24)))
+        self.assertIn("re-billed 20k", alice)
+        self.assertIn("█" + "·" * 23, self.line_with("re-billed 10k", (80, 24)))
+        # ✎ means every cache write elsewhere on screen, not the re-billed share.
+        self.assertNotIn("✎20k", alice)
         self.assertIn("h/Esc back", self.screen((80, 24))[-1])
         self.press("h")
         self.assertNotIn("Usage history", self.text((80, 24)))

@@ -97,8 +97,9 @@ def history_lines(snapshot: Mapping[str, Any] | None, width: int = WIDTH) -> lis
                 (p.BAR_OK, sparkline(values, top)),
                 (None, "  "),
                 (p.TEXT, f"{tokens(used)}"),
-                (p.DIM, f" · {number(week_totals, 'requests')} req · "),
-                (p.TEXT, f"✎{tokens(number(week_totals, 'rebilled'))}"),
+                # Worded, not ✎: elsewhere ✎ counts every cache write.
+                (p.DIM, f" · {number(week_totals, 'requests')} req · re-billed "),
+                (p.TEXT, tokens(number(week_totals, "rebilled"))),
             ]
         )
     lines.append([])
