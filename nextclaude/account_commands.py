@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import signal
 import sys
 import webbrowser
 from pathlib import Path
@@ -34,19 +35,44 @@ API_KEY_PREFIX = "sk-ant-"
 def run_async(main: Callable[[Any], Awaitable[int]]) -> int:
     """
     Run C{main(reactor)} under a reactor of its own and return its exit
-    status.
+    status.  Ctrl-C before C{main} is done is a C{KeyboardInterrupt}, as
+    at a blocking prompt, so the command ends the same way (one line,
+    status 130).
     """
-    status: list[int] = [1]
+    from twisted.internet import reactor as global_reactor
+
+    status: int | None = None
+    interrupted = False
+
+    def stop_early(number: int, frame: Any) -> None:
+        # Until the reactor runs and installs its own SIGINT handler,
+        # Python's would raise KeyboardInterrupt wherever the reactor is
+        # (even inside its handler installation, which it then survives,
+        # waiting on): stop it instead, as its own handler does.
+        nonlocal interrupted
+        interrupted = True
+        global_reactor.callFromThread(global_reactor.stop)
 
     async def wrapper(reactor: Any) -> None:
-        status[0] = await main(reactor)
+        nonlocal status
+        status = await main(reactor)
 
+    previous = signal.signal(signal.SIGINT, stop_early)
     try:
         react(lambda reactor: Deferred.fromCoroutine(wrapper(reactor)))
     except SystemExit as exit:
         if exit.code not in (0, None):
             return int(exit.code)
-    return status[0]
+    finally:
+        if previous is not None:  # None: a handler not set from Python, left alone
+            signal.signal(signal.SIGINT, previous)
+    # The reactor's SIGINT handler stops it, which leaves main unfinished
+    # and react() exiting 0: without this, status 1 and not a word.
+    if status is None and (interrupted or getattr(global_reactor, "_exitSignal", None) == signal.SIGINT):
+        raise KeyboardInterrupt()
+    return 1 if status is None else status
+
+
 PICKED_UP = "A running proxy picks it up within seconds."
 
 

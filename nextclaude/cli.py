@@ -347,7 +347,7 @@ def _accounts(args: argparse.Namespace) -> int:
     from nextclaude.humanize import tier_label
 
     now = time.time()
-    rows = [("NAME", "TYPE", "TIER", "PRIORITY", "TOKEN", "SOURCE")]
+    rows = [("NAME", "TYPE", "TIER", "PRIORITY", "STATE", "TOKEN", "SOURCE")]
     for account in config.accounts:
         source = f"imported from {account.import_from}" if account.import_from else "config file"
         rows.append(
@@ -356,6 +356,9 @@ def _accounts(args: argparse.Namespace) -> int:
                 account.type,
                 tier_label(account.tier, account.type),
                 str(account.priority),
+                # A disabled account serves nothing: the listing must say
+                # so, or it reads as ready (`nextclaude enable` undoes it).
+                "enabled" if account.enabled else "disabled",
                 _token_state(account, now),
                 source,
             )
@@ -376,16 +379,20 @@ def _accounts(args: argparse.Namespace) -> int:
 
 def _remove(args: argparse.Namespace) -> int:
     from nextclaude import paths
-    from nextclaude.config import raw_account_names, remove_account
+    from nextclaude.config import check_removal, raw_account_names, remove_account
 
     path = paths.config_file(args.config)
     # By name on the raw JSON: an account a hand edit broke must still be
-    # removable, and the rest of the file is not this command's business.
+    # removable.
     names = raw_account_names(path)
     if args.name not in names:
         listed = ", ".join(names) or "none"
         print(f"nextclaude: no account named {args.name!r} in {path} (accounts: {listed})", file=sys.stderr)
         return 1
+    # The rest of the file must load, as `server` loads it (else main()
+    # prints its one line): a proxy refusing the file would never drop
+    # the account.  Before asking, so no answer is wasted.
+    check_removal(path, args.name)
     if not args.yes:
         if not sys.stdin.isatty():
             print("nextclaude: not removing without confirmation; pass --yes", file=sys.stderr)
@@ -407,27 +414,25 @@ def _account_switch(args: argparse.Namespace) -> int:
     on the config file each, then the running proxy is asked to reload at
     once (its file watcher would within seconds anyway).
     """
-    from nextclaude import paths
-    from nextclaude.config import DEFAULT_PRIORITY, config_store, raw_account_names, set_enabled, set_priority
+    from nextclaude.config import set_enabled, set_priority
 
-    path = paths.config_file(args.config)
-    names = raw_account_names(path)
-    if args.name not in names:
-        listed = ", ".join(names) or "none"
+    # The whole file, validated as `server` reads it (a broken one is
+    # main()'s one line): a proxy refusing the file would never see the
+    # change, so "takes effect when one starts" would be false.
+    config = _load(args)
+    path = config.path
+    before = config.account(args.name)
+    if before is None:
+        listed = ", ".join(account.name for account in config.accounts) or "none"
         print(f"nextclaude: no account named {args.name!r} in {path} (accounts: {listed})", file=sys.stderr)
         return 1
-    # From the raw file, like the name: another account's hand-edit
-    # mistake must not stop this one from being switched.
-    data = config_store(path).read() or {}
-    before = next(a for a in data["accounts"] if isinstance(a, dict) and a.get("name") == args.name)
     if args.command == "priority":
-        was = before.get("priority", DEFAULT_PRIORITY.get(before.get("type"), 0))
-        changed = was != args.number
+        changed = before.priority != args.number
         set_priority(path, args.name, args.number)
         done = f"{args.name} has priority {args.number} (lower is used first)"
     else:
         enabled = args.command == "enable"
-        changed = before.get("enabled", True) is not enabled
+        changed = before.enabled is not enabled
         set_enabled(path, args.name, enabled)
         done = (
             f"{args.name} is enabled"

@@ -433,6 +433,23 @@ class _Reader:
         return _Reader(value, f"{self.name(key)}.")
 
 
+def _account_entries(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``accounts`` array (empty when left out), each entry an object; else ``_Invalid``.
+
+    Only the shape: ``remove`` reads names from it without validating the
+    accounts themselves.
+    """
+    entries = data.get("accounts")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise _Invalid(f"accounts must be an array of account objects, not {_describe(entries)}")
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise _Invalid(f"accounts[{index}] must be an object, not {_describe(entry)}")
+    return entries
+
+
 def _parse_account(data: Any, where: str) -> AccountConfig:
     if not isinstance(data, dict):
         raise _Invalid(f"{where} must be an object, not {_describe(data)}")
@@ -464,7 +481,7 @@ def _parse_account(data: Any, where: str) -> AccountConfig:
     return account
 
 
-def _parse(data: Mapping[str, Any], path: Path) -> Config:
+def _parse(data: Mapping[str, Any], path: Path, without: str | None = None) -> Config:
     top = _Reader(data, "")
     proxy = top.section("proxy")
     defaults = ProxySettings()
@@ -500,14 +517,11 @@ def _parse(data: Mapping[str, Any], path: Path) -> Config:
     if hard < switch:
         raise _Invalid(f"hardThreshold ({hard}) must be at least switchThreshold ({switch})")
 
-    raw_accounts = data.get("accounts")
-    if raw_accounts is None:
-        raw_accounts = []
-    if not isinstance(raw_accounts, list):
-        raise _Invalid(f"accounts must be an array of account objects, not {_describe(raw_accounts)}")
     accounts: list[AccountConfig] = []
     first_index: dict[str, int] = {}
-    for index, raw in enumerate(raw_accounts):
+    for index, raw in enumerate(_account_entries(data)):
+        if without is not None and raw.get("name") == without:
+            continue  # skipped in place, so the others keep the index the file gives them
         account = _parse_account(raw, f"accounts[{index}]")
         if account.name in first_index:
             raise _Invalid(
@@ -543,15 +557,17 @@ def _parse(data: Mapping[str, Any], path: Path) -> Config:
     )
 
 
-def parse_config(data: dict[str, Any], path: Path) -> Config:
+def parse_config(data: dict[str, Any], path: Path, *, without: str | None = None) -> Config:
     """Validate the file's object into a ``Config``; ``ConfigError`` for the first bad field.
 
     Unknown keys are ignored so older versions can read newer files.
+    ``without`` leaves out the account of that name, unchecked (what the
+    file would be once it is removed).
     """
     if not isinstance(data, dict):
         raise ConfigError(path, f"top level must be a JSON object, not {_describe(data)}")
     try:
-        return _parse(data, path)
+        return _parse(data, path, without)
     except _Invalid as e:
         raise ConfigError(path, str(e)) from None
 
@@ -636,23 +652,43 @@ def read_config(path: Path) -> Config:
     return parse_config(data, path)
 
 
-def raw_account_names(path: Path) -> list[str]:
-    """The names in the file's ``accounts`` array, without validating anything else.
-
-    ``remove`` works from these, so that an account broken by a hand edit
-    (exactly when a user wants it gone) can still be removed. A file that is
-    missing or not JSON at all is a ``ConfigError``.
-    """
+def _read_raw(path: Path) -> dict[str, Any]:
+    """The file's top-level object, unvalidated; ``ConfigError`` if missing, not JSON or not an object."""
     try:
         data = config_store(path).read()
     except StoreError as e:
         raise ConfigError(e.path, e.problem) from None
     if data is None:
         raise ConfigError(path, MISSING_CONFIG)
-    accounts = data.get("accounts") if isinstance(data, dict) else None
-    if not isinstance(accounts, list):
-        return []
-    return [a["name"] for a in accounts if isinstance(a, dict) and isinstance(a.get("name"), str)]
+    if not isinstance(data, dict):
+        parse_config(data, path)  # raises, with the message every command gives
+    return data
+
+
+def raw_account_names(path: Path) -> list[str]:
+    """The names in the file's ``accounts`` array, without validating the accounts.
+
+    ``remove`` works from these, so that an account broken by a hand edit
+    (exactly when a user wants it gone) can still be removed. A file that is
+    missing or not JSON at all, or whose ``accounts`` is not an array of
+    objects (there are no names to go by), is a ``ConfigError``.
+    """
+    data = _read_raw(path)
+    try:
+        entries = _account_entries(data)
+    except _Invalid as e:
+        raise ConfigError(path, str(e)) from None
+    return [a["name"] for a in entries if isinstance(a.get("name"), str)]
+
+
+def check_removal(path: Path, name: str) -> None:
+    """``ConfigError`` unless the file would load without account ``name``.
+
+    ``remove`` may get rid of a broken account, but a file broken anywhere
+    else stays one the proxy refuses to load, so removing would not take
+    effect: the same error as ``server``'s is better than a false "done".
+    """
+    parse_config(_read_raw(path), path, without=name)
 
 
 def load_config(path: Path, create: bool = True) -> Config:

@@ -61,7 +61,10 @@ READ = 0.1
 
 BY_CHOICES = ("day", "account", "model", "client")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_DAYS = re.compile(r"^(\d{1,4})d$")
+_DAYS = re.compile(r"^(\d+)d$")
+# 27 years: more is beyond any history kept, and huge counts would
+# overflow time.localtime().
+MAX_DAYS = 9999
 _DATED = re.compile(r"-\d{8}$")
 
 
@@ -130,6 +133,8 @@ def parse_when(text: str, now: float, localtime: Callable[[float], time.struct_t
         days = int(match.group(1))
         if days < 1:
             raise ValueError(f"{text!r}: give at least 1d")
+        if days > MAX_DAYS:
+            raise ValueError(f"{text!r} is out of range: give from 1d to {MAX_DAYS}d, or a date as YYYY-MM-DD")
         return day_start(now - (days - 1) * DAY, localtime)
     if _DATE.match(text):
         try:

@@ -362,6 +362,23 @@ class AccountCommandTests(SynchronousTestCase):
         self.assertNotIn("secret", out)
         self.assertNotIn("0000-uuid-alice", self.run_main("--config", str(config), "accounts")[1])
 
+    def test_accounts_shows_disabled_ones(self) -> None:
+        """
+        After `disable`, `accounts` (and `accounts -v`) marks that
+        account's row disabled, and the others enabled.
+        """
+        config = _accounts_config(self)
+        self.assertEqual(self.run_main("--config", str(config), "disable", "backup")[0], 0)
+        for argv in (["accounts"], ["accounts", "-v"]):
+            code, out, _ = self.run_main("--config", str(config), *argv)
+            self.assertEqual(code, 0)
+            header, *rows = out.splitlines()
+            self.assertIn("STATE", header.split())
+            row = {line.split()[0]: line.split() for line in rows if not line.startswith(" ")}
+            self.assertIn("disabled", row["backup"])
+            self.assertIn("enabled", row["alice@example.com"])
+            self.assertNotIn("disabled", row["alice@example.com"])
+
     def test_remove_with_yes(self) -> None:
         """
         `remove NAME --yes` removes exactly that account from the file.

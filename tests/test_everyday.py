@@ -31,7 +31,10 @@ READING_COMMANDS: list[list[str]] = [
     ["env"],
     ["run", "--no-check"],
     ["run"],
-    ["remove", "someone", "--yes"],
+    ["remove", "alice", "--yes"],
+    ["disable", "alice"],
+    ["enable", "alice"],
+    ["priority", "alice", "3"],
     ["server", "--no-console"],
     ["login", "--api", "--key-stdin"],
     ["import", "--json", '{"accessToken": "sk-ant-oat01-x"}'],
@@ -71,14 +74,13 @@ class BrokenConfigTests(InProcess):
     def test_every_command_names_the_file_and_field(self) -> None:
         """
         A config whose proxy.port is a string: every command that reads the
-        config exits 1 with one line naming the file and the field, and the
-        file is left as it was.
+        config, the editing ones (remove, disable, enable, priority)
+        included, exits 1 with one line naming the file and the field, and
+        the file is left as it was.
         """
         path = write_config(self, 9, proxy={"port": "http"})
         before = path.read_bytes()
         for argv in READING_COMMANDS:
-            if argv[0] == "remove":
-                continue  # works on the raw JSON: see the next tests
             code, out, err = self.run_main("--config", str(path), *argv)
             self.assertEqual(code, 1, (argv, err))
             self.assert_one_line(err, str(path), "proxy.port")
@@ -119,6 +121,51 @@ class BrokenConfigTests(InProcess):
         self.assertIn("Removed broken", out)
         accounts = json.loads(path.read_text())["accounts"]
         self.assertEqual(accounts, [{"name": "good", "type": "oauth", "accessToken": "sk-ant-oat01-good"}])
+
+    def test_editing_commands_refuse_what_server_refuses(self) -> None:
+        """
+        A bad switchThreshold, console.theme or proxy, or another account
+        broken by a hand edit: `disable`, `enable`, `priority` and `remove`
+        of a good account exit 1 with the very line `server` gives (a
+        broken account named by its place in the file) and leave the file
+        as it was, instead of saying the change takes effect when a proxy
+        starts.
+        """
+        good = {"name": "alice", "type": "oauth", "accessToken": "sk-ant-oat01-alice"}
+        broken = {"name": "broken", "type": "oauth", "expiresAt": "soon"}
+        for extra, field in (
+            ({"switchThreshold": "x"}, "switchThreshold"),
+            ({"console": {"theme": "neon"}}, "console.theme"),
+            ({"proxy": "x"}, "proxy must be an object"),
+            ({"accounts": [good, broken]}, "accounts[1].expiresAt"),
+        ):
+            path = write_config(self, 9, accounts=[good])
+            path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+            before = path.read_bytes()
+            _, _, refused = self.run_main("--config", str(path), "server", "--no-console")
+            self.assert_one_line(refused, str(path), field)
+            for argv in (["disable", "alice"], ["enable", "alice"], ["priority", "alice", "3"], ["remove", "alice", "--yes"]):
+                code, out, err = self.run_main("--config", str(path), *argv)
+                self.assertEqual((code, out, err), (1, "", refused), argv)
+                self.assertEqual(path.read_bytes(), before, argv)
+
+    def test_editing_commands_name_a_broken_accounts_array(self) -> None:
+        """
+        When "accounts" itself is broken (not an array, or an entry that is
+        not an object), `disable`, `enable`, `priority` and `remove` say so
+        in one line, instead of "no account named ... (accounts: none)".
+        """
+        for accounts, problem in (
+            (["alice"], "accounts[0] must be an object, not 'alice'"),
+            ({"name": "alice"}, "accounts must be an array of account objects, not an object"),
+        ):
+            path = write_config(self, 9, accounts=accounts)
+            before = path.read_bytes()
+            for argv in (["disable", "alice"], ["enable", "alice"], ["priority", "alice", "3"], ["remove", "alice", "--yes"]):
+                code, out, err = self.run_main("--config", str(path), *argv)
+                self.assertEqual(code, 1, argv)
+                self.assert_one_line(err, f"{path}: {problem}")
+                self.assertEqual(path.read_bytes(), before, argv)
 
     def test_remove_unknown_on_a_broken_file_lists_the_names(self) -> None:
         """
@@ -455,6 +502,24 @@ class PromptTests(TestCase):
         watcher = spawn_in_pty(self, "--config", str(self.config), "login", "--api")
         await watcher.line_matching(rb"input hidden")
         await interrupt_when_reading(watcher)
+        reason = await watcher.ended
+        self.assertEqual(reason.exitCode, 130, watcher.output)
+        self.assertNotIn("Traceback", watcher.output)
+        self.assertIn("nextclaude: interrupted", watcher.output)
+        self.assertEqual(self.config.read_bytes(), before)
+
+    async def test_ctrl_c_while_the_login_waits(self) -> None:
+        """
+        Ctrl-C while `login --no-browser` waits for the browser or a pasted
+        code exits 130 with one line and no traceback, as at the other
+        prompts; nothing is added.
+        """
+        before = self.config.read_bytes()
+        watcher = spawn_in_pty(self, "--config", str(self.config), "login", "--no-browser")
+        await watcher.line_matching(rb"paste the address")
+        # The wait is the reactor's, not a read(2): its SIGINT handler is
+        # in place from the start, so the signal can go at once.
+        watcher.transport.signalProcess("INT")
         reason = await watcher.ended
         self.assertEqual(reason.exitCode, 130, watcher.output)
         self.assertNotIn("Traceback", watcher.output)

@@ -93,6 +93,20 @@ class PeriodTests(SynchronousTestCase):
             self.assertRaises(ValueError, parse_when, bad, now)
 
 
+    def test_too_many_days(self) -> None:
+        """
+        More days than allowed is refused as out of range, naming the
+        range, not as if it were not a number of days; the most allowed
+        works.
+        """
+        now = time.mktime(time.strptime("2026-09-21", "%Y-%m-%d")) + 12 * 3600
+        error = self.assertRaises(ValueError, parse_when, "100000d", now)
+        self.assertIn("out of range", str(error))
+        self.assertIn("1d to 9999d", str(error))
+        self.assertNotIn("number of days as 7d", str(error))
+        self.assertLess(parse_when("9999d", now), now)
+
+
 class ReportTests(SynchronousTestCase):
     def test_grouping(self) -> None:
         """
