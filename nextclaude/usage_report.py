@@ -60,6 +60,7 @@ WRITE_1H = 2.0
 READ = 0.1
 
 BY_CHOICES = ("day", "account", "model", "client")
+NO_ACCOUNT = "(none)"
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DAYS = re.compile(r"^(\d+)d$")
 # 27 years: more is beyond any history kept, and huge counts would
@@ -229,7 +230,9 @@ def group_key(by: str, row: Mapping[str, Any], localtime: Callable[[float], time
     if by == "day":
         return time.strftime("%Y-%m-%d", localtime(row["time"]))
     if by == "account":
-        return row["account"] or "-"
+        # Requests no account took: the proxy answered them itself (its
+        # 429 when every account was out, its 401 when none could serve).
+        return row["account"] or NO_ACCOUNT
     if by == "model":
         return model_family(row["model"])
     return row["client"] or "other"

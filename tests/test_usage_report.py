@@ -112,7 +112,8 @@ class ReportTests(SynchronousTestCase):
         """
         Rows group by day (in order), account, model family (the id
         without its date) or client, with a total; unknown models count
-        as unpriced.
+        as unpriced; a request no account took (the proxy's own 429) is
+        the account "(none)".
         """
         columns = ("time", "session", "client", "account", "model", "status", "reason", "duration",
                    "input_tokens", "cache_creation_tokens", "cache_creation_1h_tokens", "cache_read_tokens",
@@ -134,6 +135,9 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual({g.key for g in clients}, {"claude-cli", "curl"})
         accounts, _ = report(data, "account", table, time.gmtime)
         self.assertEqual([g.key for g in accounts], ["b", "a"])
+        refused = dict(zip(columns, row(NOON, None, status=429, reason="exhausted", input=0, created=0, read=0, output=0)))
+        accounts, _ = report([*data, refused], "account", table, time.gmtime)
+        self.assertEqual({g.key for g in accounts}, {"b", "a", "(none)"})
 
 
 class CommandTests(SynchronousTestCase):
