@@ -19,6 +19,8 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -531,6 +533,39 @@ class MalformedChannelTests(SynchronousTestCase):
         protocol.dataReceived(head.replace(b"X-One: 1", b"X One: 1") + body)
         self.assertEqual(status_lines(transport.value()), [b"HTTP/1.1 400 Bad Request"])
         self.assertEqual(resource.rendered, [])
+
+    @settings(max_examples=60)
+    @given(st.lists(st.integers(min_value=0, max_value=1_000_000), max_size=8))
+    def test_any_cut_of_the_stream_parses_the_same(self, cuts: list[int]) -> None:
+        """
+        Two pipelined requests (a POST with a 70 KB body holding header-like
+        lines, then a GET) arriving cut at arbitrary points, in reads of
+        any size, give the same two requests with the same headers and
+        body as one read does.
+        """
+        body = b'{"pad":"' + b"X-Fake: 1\r\n\r\n" * 5000 + b'"}'
+        stream = (
+            b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nX-One: 1\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+            + body
+            + b"GET /next HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Two: 2\r\n\r\n"
+        )
+        seen: list[tuple[bytes, list[bytes] | None, bytes]] = []
+
+        class Bodies(Recording):
+            def render(self, request: Request) -> bytes | int:
+                header = request.requestHeaders.getRawHeaders(b"x-one") or request.requestHeaders.getRawHeaders(b"x-two")
+                seen.append((request.uri, header, request.take_body()))
+                return super().render(request)
+
+        protocol, transport = connect_channel(Bodies(), Clock())
+        points = sorted({cut % (len(stream) + 1) for cut in cuts} | {0, len(stream)})
+        for start, end in zip(points, points[1:]):
+            protocol.dataReceived(stream[start:end])
+        self.assertEqual(
+            seen, [(b"/v1/messages", [b"1"], body), (b"/next", [b"2"], b"")]
+        )
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK\r\n"), 2)
 
 
 class MalformedEndToEndTests(TestCase):
