@@ -86,11 +86,12 @@ class Allocator:
         whether glibc took both settings.  Process-wide, so called once
         by the service that starts the proxy.
         """
-        mallopt = getattr(self._libc, "mallopt", None) if self._libc is not None else None
+        mallopt = getattr(self._libc, "mallopt", None)
         if mallopt is None:
             return False
-        took = [bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_BELOW)), bool(mallopt(M_TRIM_THRESHOLD, TRIM_PAST))]
-        return all(took)
+        mmap = mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_BELOW)
+        trim = mallopt(M_TRIM_THRESHOLD, TRIM_PAST)
+        return bool(mmap and trim)
 
     def trim(self) -> bool:
         """

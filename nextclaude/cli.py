@@ -156,24 +156,12 @@ def console_log_path(config_path: "Any") -> "Any":
     return config_path.parent / "nextclaude.log"
 
 
-def warnings_to(stream: "Any") -> "Any":
-    """
-    A log observer writing warnings and errors to C{stream} and dropping
-    the rest: outside the console's screen, Twisted's info lines (a
-    connection factory starting, the main loop ending) mean nothing to
-    the person at the terminal.
-    """
-    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, textFileLogObserver
-
-    return FilteringLogObserver(textFileLogObserver(stream), [LogLevelFilterPredicate(LogLevel.warn)])
-
-
 def _console(args: argparse.Namespace) -> int:
     from twisted.logger import globalLogBeginner
 
     from nextclaude import control, paths
     from nextclaude.account_commands import run_async
-    from nextclaude.activity import LogRouter
+    from nextclaude.activity import LogRouter, terminal_observer
     from nextclaude.console.app import Outcome, run_console
 
     try:
@@ -193,7 +181,9 @@ def _console(args: argparse.Namespace) -> int:
         # The proxy runs on what it read; a file being edited must not keep
         # the console away (its theme falls back).
         theme = console_theme(args, None)
-    log_router = LogRouter(warnings_to(sys.stderr))
+    # Outside the screen, the server's terminal lines: no Twisted chatter
+    # (a connection factory starting, the main loop ending).
+    log_router = LogRouter(terminal_observer(sys.stderr))
     globalLogBeginner.beginLoggingTo([log_router], redirectStandardIO=False)
 
     async def main(reactor: "Any") -> int:

@@ -1565,14 +1565,15 @@ class LegendAndDemoTests(ConsoleHarness):
 class OutsideScreenLogTests(SynchronousTestCase):
     def test_only_warnings_and_errors_reach_the_terminal(self) -> None:
         """
-        Before the console's screen opens and after it closes, Twisted's
-        info lines ("Starting factory", "Main loop terminated.") are
-        dropped; warnings and errors still reach the terminal.
+        Before the console's screen opens and after it closes, its terminal
+        gets the server's terminal lines: Twisted's chatter ("Starting
+        factory", "Main loop terminated.") is dropped; warnings and errors
+        still reach the terminal.
         """
-        from nextclaude.cli import warnings_to
+        from nextclaude.activity import terminal_observer
 
         stream = io.StringIO()
-        log = Logger(observer=warnings_to(stream), namespace="test")
+        log = Logger(observer=terminal_observer(stream), namespace="test")
         log.info("Starting factory {factory}", factory="OneShotFactory")
         log.warn("the proxy went away")
         log.error("state file unreadable")
