@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import weakref
+from itertools import pairwise
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet.testing import StringTransport
@@ -118,7 +119,7 @@ class ChunkedPerReadTests(SynchronousTestCase):
         """
         wire = chunked(*pieces) + b"0\r\n\r\n"
         points = sorted({min(cut, len(wire)) for cut in cuts} | {0, len(wire)})
-        reads = [wire[a:b] for a, b in zip(points, points[1:])]
+        reads = [wire[a:b] for a, b in pairwise(points)]
         record = _Record()
         decoder = record.decoder()
         for read in reads:
