@@ -31,6 +31,9 @@ WIDTH = 100
 #: terminal writes it as it is, since it carries its own time.
 ROW_KEY = "nextclaude_row"
 
+#: The log key holding an activity row's text (its format is only C{"{line}"}).
+ROW_TEXT = "line"
+
 # Twisted's own lines about its factories, ports and reactor: object reprs
 # ("Starting factory <…Site object at 0x…>") and port numbers the
 # "listening on" line already gives.  Most come through the legacy log.msg
@@ -91,11 +94,13 @@ def format_terminal(event: Mapping[str, Any], localtime: Callable[[float], Any] 
     One log event as the server's terminal shows it: activity rows as they
     are, anything else after its time, Twisted's chatter not at all.
     """
+    if event.get(ROW_KEY):
+        # An activity row is its own text (one a request): no format to run.
+        line = event.get(ROW_TEXT)
+        return line + "\n" if isinstance(line, str) and line else None
     text = eventAsText(dict(event), includeTimestamp=False, includeSystem=False)
     if not text or is_chatter(event, text):
         return None
-    if event.get(ROW_KEY):
-        return text + "\n"
     when = event.get("log_time")
     stamp = views.clock_text(when, localtime) if isinstance(when, (int, float)) else "--:--:--"
     level = event.get("log_level")

@@ -125,6 +125,11 @@ class UsageTotals:
         )
 
 
+def _is_live(window: WindowQuota, now: float) -> bool:
+    # A window whose reset has passed says nothing any more (Account.live_windows).
+    return window.reset is None or window.reset > now
+
+
 @dataclass
 class Account:
     """
@@ -167,11 +172,7 @@ class Account:
         A window whose reset time has passed says nothing any more: the
         account has a fresh window, so it is dropped (unknown counts as 0%).
         """
-        return {
-            name: window
-            for name, window in self.windows.items()
-            if window.reset is None or window.reset > now
-        }
+        return {name: window for name, window in self.windows.items() if _is_live(window, now)}
 
     def utilization(self, window: str, now: float) -> float:
         live = self.live_windows(now).get(window)
@@ -183,9 +184,10 @@ class Account:
         """
         The highest utilization among the live windows that apply.
         """
+        # Asked for every account on every request: no dict of live windows.
         peak = 0.0
-        for name, window in self.live_windows(now).items():
-            if name == "overage" or not window_applies(name, family):
+        for name, window in self.windows.items():
+            if name == "overage" or not _is_live(window, now) or not window_applies(name, family):
                 continue
             if window.utilization is not None and window.utilization > peak:
                 peak = window.utilization
@@ -193,9 +195,9 @@ class Account:
 
     def rejected(self, now: float, family: str | None = None) -> bool:
         return any(
-            window.status == "rejected"
-            for name, window in self.live_windows(now).items()
-            if name != "overage" and window_applies(name, family)
+            window.status == "rejected" and _is_live(window, now) and window_applies(name, family)
+            for name, window in self.windows.items()
+            if name != "overage"
         )
 
     def soonest_reset(self, now: float) -> float | None:

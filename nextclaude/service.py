@@ -481,7 +481,7 @@ class ProxyService(MultiService):
         if event.kind == events.REQUEST_FINISHED:
             row = {**event.data, "time": event.time}
             for line in self._rows.lines(row, (account.name for account in self.pool)):
-                self._log.info("{line}", line=line, **{activity.ROW_KEY: True})
+                self._log.info("{line}", **{activity.ROW_TEXT: line, activity.ROW_KEY: True})
         elif event.kind not in (events.REQUEST_STARTED, events.REQUEST_ROUTED):
             details = " ".join(f"{key}={value}" for key, value in sorted(event.data.items()))
             self._log.info("{kind} {details}", kind=event.kind, details=details)

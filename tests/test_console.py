@@ -1582,6 +1582,20 @@ class OutsideScreenLogTests(SynchronousTestCase):
         self.assertIn("the proxy went away", text)
         self.assertIn("state file unreadable", text)
 
+    def test_activity_rows_as_they_are(self) -> None:
+        """
+        An activity row reaches the terminal as its own line, without a
+        second time stamp, braces and all; an empty row writes nothing.
+        """
+        from nextclaude.activity import ROW_KEY, ROW_TEXT, terminal_observer
+
+        stream = io.StringIO()
+        log = Logger(observer=terminal_observer(stream), namespace="nextclaude.test")
+        row = "12:00:01 200  1.2s alice  opus {odd} 10k"
+        log.info("{line}", **{ROW_TEXT: row, ROW_KEY: True})
+        log.info("{line}", **{ROW_TEXT: "", ROW_KEY: True})
+        self.assertEqual(stream.getvalue(), row + "\n")
+
 
 class CardWidthTests(SynchronousTestCase):
     def test_both_windows_fit_an_80_column_card(self) -> None:
