@@ -95,7 +95,7 @@ def format_terminal(event: Mapping[str, Any], localtime: Callable[[float], Any] 
     are, anything else after its time, Twisted's chatter not at all.
     """
     if event.get(ROW_KEY):
-        # An activity row is its own text (one a request): no format to run.
+        # An activity row (one per request) is its own text: no format to run.
         line = event.get(ROW_TEXT)
         return line + "\n" if isinstance(line, str) and line else None
     text = eventAsText(dict(event), includeTimestamp=False, includeSystem=False)
