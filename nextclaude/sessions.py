@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nextclaude.bytesearch import contains
+
 __all__ = [
     "CONTINUATION_MARKER",
     "LANDING_LAPSE",
@@ -340,13 +342,13 @@ def inspect_request(
         at = body.rfind(_CACHE_CONTROL, 0, at)
 
     is_compaction = False
-    if body.find(SUMMARY_MARKER) >= 0:
+    if contains(body, SUMMARY_MARKER):
         parsed_body = data()
         is_compaction = parsed_body is not None and _last_user_asks_summary(parsed_body)
 
     continues = False
     wanted = landing_pending is None or key is None or landing_pending(key)
-    if wanted and body.find(_CONTINUATION_BYTES) >= 0:
+    if wanted and contains(body, _CONTINUATION_BYTES):
         parsed_body = data()
         continues = parsed_body is not None and _first_user_continues(parsed_body)
 
