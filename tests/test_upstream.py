@@ -1,6 +1,7 @@
 """
-Tests for L{nextclaude.upstream}'s chunked decoding: a response body is
-handed on once per read of the upstream connection.
+Tests for L{nextclaude.upstream}'s upstream connection: a response body is
+handed on once per read, and a large request body is sent from the body
+itself, after the request's head.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import weakref
 from itertools import pairwise
 
 from hypothesis import given, settings, strategies as st
-from twisted.internet.testing import StringTransport
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,7 +21,7 @@ from twisted.web._newclient import Request, ResponseDone
 from twisted.web.http import _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
 
-from nextclaude.upstream import ChunkedPerRead, _ClientProtocol
+from nextclaude.upstream import BytesProducer, ChunkedPerRead, _ClientProtocol
 
 
 def chunked(*pieces: bytes) -> bytes:
@@ -166,3 +168,99 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertEqual(body.reads, [b"event: ping\n\nevent: message_stop\n\n"])
         assert body.reason is not None
         self.assertTrue(body.reason.check(ResponseDone))
+
+
+class _Socket(FileDescriptor):
+    """
+    A transport whose socket takes what it is given (up to C{takes} bytes
+    of each send, when set) and records each send.
+    """
+
+    def __init__(self, takes: int | None = None) -> None:
+        super().__init__(MemoryReactor())
+        self.connected = 1
+        self.takes = takes
+        self.sent: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        taken = len(data) if self.takes is None else min(self.takes, len(data))
+        if taken:
+            self.sent.append(data if taken == len(data) else bytes(data[:taken]))
+        return taken
+
+    def getHost(self) -> None:
+        return None
+
+    def getPeer(self) -> None:
+        return None
+
+
+def post(protocol: _ClientProtocol, body: bytes) -> None:
+    protocol.request(
+        Request(b"POST", b"/v1/messages", Headers({b"host": [b"upstream"]}), BytesProducer(body))
+    )
+
+
+class HeadFirstTests(SynchronousTestCase):
+    def test_large_body_sent_from_itself(self) -> None:
+        """
+        A body over 64 KiB goes to the socket after the request's head,
+        and the socket is handed the body object itself, not a copy joined
+        behind the head.
+        """
+        socket = _Socket()
+        protocol = _ClientProtocol(lambda _: None)
+        protocol.makeConnection(socket)
+        body = b"x" * 100_000 + b"end"
+        post(protocol, body)
+        socket.doWrite()
+        self.assertEqual(len(socket.sent), 2)
+        self.assertTrue(socket.sent[0].startswith(b"POST /v1/messages HTTP/1.1\r\n"))
+        self.assertTrue(socket.sent[0].endswith(b"\r\n\r\n"))
+        self.assertIn(b"Content-Length: 100003\r\n", socket.sent[0])
+        self.assertIs(socket.sent[1], body)
+
+    def test_small_body_joined_with_the_head(self) -> None:
+        """
+        A small body is cheaper to copy than to send apart: head and body
+        go in one send.
+        """
+        socket = _Socket()
+        protocol = _ClientProtocol(lambda _: None)
+        protocol.makeConnection(socket)
+        post(protocol, b'{"model":"m"}')
+        socket.doWrite()
+        self.assertEqual(len(socket.sent), 1)
+        self.assertTrue(socket.sent[0].endswith(b'\r\n\r\n{"model":"m"}'))
+
+    def test_head_the_socket_does_not_take(self) -> None:
+        """
+        When the socket takes only part of the head, the rest and the body
+        follow in order on later sends: nothing is lost or reordered.
+        """
+        socket = _Socket(takes=10)
+        protocol = _ClientProtocol(lambda _: None)
+        protocol.makeConnection(socket)
+        body = bytes(range(256)) * 400
+        post(protocol, body)
+        socket.takes = None
+        socket.doWrite()
+        sent = b"".join(socket.sent)
+        self.assertEqual(len(socket.sent[0]), 10)
+        self.assertTrue(sent.endswith(b"\r\n\r\n" + body))
+        self.assertEqual(sent.count(body), 1)
+
+    def test_not_a_socket(self) -> None:
+        """
+        Over a transport that is not a plain socket (TLS, or a test's
+        string transport) the body is written behind the head as Twisted
+        does, and the producer keeps no reference to the transport.
+        """
+        transport = StringTransport()
+        protocol = _ClientProtocol(lambda _: None)
+        protocol.makeConnection(transport)
+        body = b"y" * 100_000
+        producer = BytesProducer(body)
+        protocol.request(Request(b"POST", b"/v1/messages", Headers({b"host": [b"upstream"]}), producer))
+        self.assertTrue(transport.value().endswith(b"\r\n\r\n" + body))
+        self.assertIsNone(producer.send_head)
